@@ -1,0 +1,60 @@
+# vfiod — the two commands of the README are `make demo` and `make check`.
+# Each does its own set-up on a fresh Debian 12 machine (run as root).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := qemu-system-x86 linux-image-amd64 dbus libsystemd-dev pkg-config \
+	python3-venv python3-dev gcc busybox-static kmod udev
+STAMP := build/stamps
+
+.PHONY: check demo deps venv lint typecheck unit vm test-kernel clean
+
+check: deps venv lint typecheck unit vm
+
+# Debian packages the tests need: QEMU and a stock kernel for the VM tests,
+# dbus for the bus tests, libsystemd-dev + pkg-config to build systemd-python.
+deps: $(STAMP)/deps
+$(STAMP)/deps:
+	@mkdir -p $(STAMP)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+# The project's virtualenv with the package (editable) and its test and VM extras.
+venv: $(STAMP)/venv
+$(STAMP)/venv: setup.cfg pyproject.toml | $(STAMP)/deps
+	@mkdir -p $(STAMP)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,vm,journal]'
+	@touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(PY) -m pytest -m 'not vm' tests
+
+vm: venv deps
+	$(PY) -m pytest -m vm -v tests
+
+# Build the no-IOMMU/iommufd test kernel from Debian's linux-source-6.12 when
+# there is none beside the checkout (about 20 minutes on 2 cores; cached).
+test-kernel: deps
+	tests/vm/build-kernel.sh
+
+demo: deps venv
+	$(PY) -m tests.vm.demo
+
+clean:
+	rm -rf build $(VENV) *.egg-info

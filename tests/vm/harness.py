@@ -1,0 +1,234 @@
+"""Boot a real kernel under QEMU (TCG) with virtme-ng and run tests inside it.
+
+The guest sees the host's root file system, so it runs the in-guest tests from
+this checkout with this project's own virtualenv; results come back as JUnit
+XML through a directory shared read-write with the guest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.vm.topology import GUEST_DIR, Boot, KernelKind, Topology
+
+PROJECT = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vfiod"
+BOOT_TIMEOUT = 900  # seconds for boot plus all guest tests of one boot, under TCG
+
+HOW_TO_GET_TEST_KERNEL = (
+    "the no-IOMMU/iommufd tests need a kernel with CONFIG_VFIO_NOIOMMU, CONFIG_IOMMUFD "
+    "and CONFIG_VFIO_DEVICE_CDEV: run `make test-kernel` (builds one from Debian's "
+    "linux-source-6.12 with tests/vm/vfiotest.fragment, about 20 min, cached), or set "
+    "VFIOD_TEST_KERNEL to such a bzImage"
+)
+HOW_TO_GET_STOCK_KERNEL = (
+    "the legacy VFIO tests need Debian's kernel: apt-get install linux-image-amd64 "
+    "(`make deps` does), or set VFIOD_STOCK_KERNEL to a bzImage with its modules installed"
+)
+
+
+class NotInstalledError(Exception):
+    """Something a VM test needs is not installed; the message says how to get it."""
+
+
+def _newest(paths: list[str]) -> Path | None:
+    readable = [p for p in paths if os.access(p, os.R_OK)]
+    return Path(sorted(readable)[-1]) if readable else None
+
+
+def stock_kernel() -> Path:
+    override = os.environ.get("VFIOD_STOCK_KERNEL")
+    found = Path(override) if override else _newest(glob.glob("/boot/vmlinuz-*-amd64"))
+    if found is None or not found.is_file():
+        raise NotInstalledError(HOW_TO_GET_STOCK_KERNEL)
+    return found
+
+
+def test_kernel() -> Path:
+    """The test kernel: $VFIOD_TEST_KERNEL, the shared one beside the checkout,
+    or the one `make test-kernel` built into the cache."""
+    override = os.environ.get("VFIOD_TEST_KERNEL")
+    if override:
+        if not Path(override).is_file():
+            raise NotInstalledError(f"VFIOD_TEST_KERNEL={override} does not exist")
+        return Path(override)
+    candidates = glob.glob(str(PROJECT.parent / "shared/vm/vmlinuz-*-vfiotest"))
+    candidates += glob.glob(str(CACHE / "kernel/vmlinuz-*-vfiotest"))
+    found = _newest(candidates)
+    if found is None:
+        raise NotInstalledError(HOW_TO_GET_TEST_KERNEL)
+    return found
+
+
+def kernel_for(kind: KernelKind) -> Path:
+    return stock_kernel() if kind is KernelKind.STOCK else test_kernel()
+
+
+def vng_path() -> str:
+    venv_vng = Path(sys.executable).parent / "vng"
+    found = str(venv_vng) if venv_vng.exists() else shutil.which("vng")
+    if found is None:
+        raise NotInstalledError("virtme-ng is not installed: pip install virtme-ng (`make venv`)")
+    if shutil.which("qemu-system-x86_64") is None:
+        raise NotInstalledError("QEMU is missing: apt-get install qemu-system-x86 (`make deps`)")
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class VmRun:
+    returncode: int
+    output: str
+    seconds: float
+
+
+def run_vm(
+    kernel: Path,
+    topology: Topology,
+    command: str,
+    *,
+    shared_dir: Path,
+    progress: Callable[[str], None] = lambda line: None,
+    timeout: float = BOOT_TIMEOUT,
+    memory: str = "1G",
+) -> VmRun:
+    """Boot ``kernel`` on ``topology`` and run ``command`` (a shell line) as root
+    in the guest; ``shared_dir`` is writable from inside."""
+    vng = vng_path()
+    argv = [
+        vng,
+        "--run",
+        str(kernel),
+        "--disable-kvm",  # this host's /dev/kvm cannot boot stock kernels
+        "--disable-microvm",  # q35: PCIe, ICH9 and the emulated IOMMU
+        "--cpus",
+        "2",
+        "--memory",
+        memory,
+        "--rwdir",
+        str(shared_dir),
+        "--qemu-opts=" + shlex.join(topology.qemu_opts()),
+    ]
+    if topology.kernel_args():
+        argv += ["--append", " ".join(topology.kernel_args())]
+    argv += ["--exec", command]
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(vng).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env=env,
+        cwd=PROJECT,
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            progress(line.rstrip("\n"))
+            if time.monotonic() - started > timeout:
+                proc.kill()
+                lines.append(f"\n[harness] VM killed after {timeout:g} s\n")
+                break
+        returncode = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    return VmRun(returncode, "".join(lines), time.monotonic() - started)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestTest:
+    name: str
+    outcome: str  # passed | failed | error | skipped
+    message: str
+    seconds: float
+
+
+def parse_junit(path: Path) -> list[GuestTest]:
+    results: list[GuestTest] = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            element = case.find(tag)
+            if element is not None:
+                outcome = "failed" if tag == "failure" else tag
+                message = (element.get("message") or "") + "\n" + (element.text or "")
+                break
+        results.append(GuestTest(name, outcome, message.strip(), float(case.get("time", 0))))
+    return results
+
+
+def guest_command(boot: Boot, results: Path) -> str:
+    """The shell line the guest runs: the boot's guest tests with our venv."""
+    tests = [f"{GUEST_DIR}/{t}" for t in boot.tests]
+    pytest = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",  # the root file system is read-only in the guest,
+        "-p",
+        "no:hypothesispytest",  # so are the caches of both
+        "-v",
+        "--junitxml",
+        str(results / "junit.xml"),
+        *tests,
+    ]
+    env = {
+        "VFIOD_GUEST": "1",
+        "VFIOD_VM_KERNEL": str(boot.kernel),
+        "VFIOD_VM_TOPOLOGY": boot.topology.name,
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    return f"cd {shlex.quote(str(PROJECT))} && env {assignments} {shlex.join(pytest)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class BootResult:
+    boot: Boot
+    kernel: Path
+    run: VmRun
+    tests: list[GuestTest]
+
+    def failures(self) -> list[GuestTest]:
+        return [t for t in self.tests if t.outcome in ("failed", "error")]
+
+
+def run_boot(
+    boot: Boot, results: Path, progress: Callable[[str], None] = lambda line: None
+) -> BootResult:
+    kernel = kernel_for(boot.kernel)
+    results.mkdir(parents=True, exist_ok=True)
+    junit = results / "junit.xml"
+    junit.unlink(missing_ok=True)
+    progress(f"[vm {boot.name}] booting {kernel.name} on {boot.topology.name} under QEMU TCG")
+    run = run_vm(
+        kernel,
+        boot.topology,
+        guest_command(boot, results),
+        shared_dir=results,
+        progress=lambda line: progress(f"[vm {boot.name}] {line}"),
+    )
+    (results / "console.log").write_text(run.output)
+    tests = parse_junit(junit) if junit.exists() else []
+    progress(f"[vm {boot.name}] done in {run.seconds:.0f} s: {len(tests)} guest tests")
+    return BootResult(boot, kernel, run, tests)

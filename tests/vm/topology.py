@@ -1,0 +1,90 @@
+"""The emulated machines the VM tests boot, described in one place.
+
+Slots are explicit and high (0x10+) because virtme-ng adds its own devices
+from slot 1 up, one more for every shared directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class KernelKind(enum.StrEnum):
+    STOCK = "stock"  # Debian's linux-image-amd64: legacy VFIO only
+    TEST = "test"  # 6.12 with VFIO_NOIOMMU, IOMMUFD, VFIO_DEVICE_CDEV built in
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str
+    description: str
+    iommu: bool
+    qemu_devices: tuple[str, ...]
+
+    def qemu_opts(self) -> list[str]:
+        machine = "q35,kernel-irqchip=split" if self.iommu else "q35"
+        opts = ["-machine", machine]
+        if self.iommu:
+            opts += ["-device", "intel-iommu,intremap=on,caching-mode=on"]
+        for device in self.qemu_devices:
+            opts += ["-device", device]
+        return opts
+
+    def kernel_args(self) -> list[str]:
+        return ["intel_iommu=on"] if self.iommu else []
+
+
+# Addresses the guest tests rely on.
+E1000E = "0000:00:10.0"  # alone in its group
+BRIDGE = "0000:00:11.0"  # pcie-pci-bridge: the bridge and both e1000 share one group
+BRIDGED_E1000 = ("0000:01:01.0", "0000:01:02.0")
+ICH9_LPC = "0000:00:1f.0"  # the ICH9 functions of q35 share one group with
+ICH9_SATA = "0000:00:1f.2"  # host drivers bound: a real non-viable group
+ICH9_SMBUS = "0000:00:1f.3"
+E1000E_IDS = (0x8086, 0x10D3)
+
+_DEVICES = (
+    "e1000e,addr=10.0",
+    "pcie-pci-bridge,id=br0,addr=11.0",
+    "e1000,bus=br0,addr=1.0",
+    "e1000,bus=br0,addr=2.0",
+)
+
+IOMMU = Topology(
+    "iommu",
+    "q35 with an emulated Intel IOMMU: e1000e alone in its group, the ICH9 "
+    "functions in one group, a pcie-pci-bridge with two e1000 in a three-member group",
+    iommu=True,
+    qemu_devices=_DEVICES,
+)
+NOIOMMU = Topology(
+    "noiommu",
+    "q35 without an IOMMU (no IOMMU groups unless vfio's unsafe no-IOMMU mode is on)",
+    iommu=False,
+    qemu_devices=_DEVICES,
+)
+
+TOPOLOGIES = {t.name: t for t in (IOMMU, NOIOMMU)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Boot:
+    """One VM boot and the guest test files it runs."""
+
+    kernel: KernelKind
+    topology: Topology
+    tests: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel}-{self.topology.name}"
+
+
+GUEST_DIR = "tests/vm/guest"
+
+BOOTS = (
+    Boot(KernelKind.STOCK, IOMMU, ("test_legacy.py",)),
+    Boot(KernelKind.TEST, IOMMU, ("test_legacy.py", "test_iommufd.py")),
+    Boot(KernelKind.TEST, NOIOMMU, ("test_noiommu.py",)),
+)

@@ -1,0 +1,1 @@
+"""The host side: PCI devices and IOMMU groups in sysfs, and driver binding."""
