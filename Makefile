@@ -8,9 +8,11 @@ APT_PACKAGES := qemu-system-x86 linux-image-amd64 dbus libsystemd-dev pkg-config
 	python3-venv python3-dev gcc busybox-static kmod udev
 STAMP := build/stamps
 
-.PHONY: check demo deps venv lint typecheck unit vm test-kernel clean
+.PHONY: check demo deps venv test lint unit vm test-kernel clean
 
-check: deps venv lint typecheck unit vm
+# Everything, as one pytest run: linters and mypy (tests/test_lint.py), unit
+# tests, and the VM tests on real kernels.
+check: deps venv test
 
 # Debian packages the tests need: QEMU and a stock kernel for the VM tests,
 # dbus for the bus tests, libsystemd-dev + pkg-config to build systemd-python.
@@ -35,12 +37,12 @@ $(STAMP)/venv: setup.cfg pyproject.toml | $(STAMP)/deps
 	$(PY) -m pip install -q -e '.[test,vm,journal]'
 	@touch $@
 
-lint: venv
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+test: venv deps
+	$(PY) -m pytest -v tests
 
-typecheck: venv
-	$(VENV)/bin/mypy
+# Parts of `test`, for working on one layer.
+lint: venv
+	$(PY) -m pytest tests/test_lint.py
 
 unit: venv
 	$(PY) -m pytest -m 'not vm' tests

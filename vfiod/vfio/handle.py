@@ -86,14 +86,27 @@ class Handle:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        fd = self.fileno()
-        try:
-            return fn(fd, *args, **kwargs)
-        except VfioError:
-            raise
-        except OSError as e:
-            err = e.errno if e.errno is not None else errno.EIO
-            raise VfioError(err, operation, self.target, hint=self.hint(operation, err)) from e
+        return checked_call(operation, self.target, self.hint, fn, self.fileno(), *args, **kwargs)
+
+
+def checked_call(
+    operation: str,
+    target: str,
+    hint: Callable[[str, int], str],
+    fn: Callable[Concatenate[int, P], T],
+    fd: int,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """Call ``fn(fd, ...)``; turn its OSError into a VfioError naming
+    ``operation``, ``target`` and, from ``hint``, what to do next."""
+    try:
+        return fn(fd, *args, **kwargs)
+    except VfioError:
+        raise
+    except OSError as e:
+        err = e.errno if e.errno is not None else errno.EIO
+        raise VfioError(err, operation, target, hint=hint(operation, err)) from e
 
 
 def open_node(kernel: Kernel, path: str, kind: str, missing_hint: str) -> int:

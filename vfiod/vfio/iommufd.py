@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import errno
-from typing import Self
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, Self, TypeVar
 
 from vfiod.vfio import abi
 from vfiod.vfio.dma import MAP_HINTS
 from vfiod.vfio.errors import VfioError
-from vfiod.vfio.handle import Handle, open_node
+from vfiod.vfio.handle import Handle, checked_call, open_node
 from vfiod.vfio.kernel import IoasRanges, IovaRange, Kernel
 
 IOMMUFD_PATH = "/dev/iommu"
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class IommuFd(Handle):
@@ -66,8 +70,23 @@ class Ioas:
         self.id = ioas_id
         self.target = f"IOAS {ioas_id} of {iommufd.target}"
 
+    def _call(
+        self,
+        operation: str,
+        fn: Callable[Concatenate[int, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        fd = self.iommufd.fileno()
+        return checked_call(operation, self.target, self.hint, fn, fd, *args, **kwargs)
+
+    def hint(self, operation: str, err: int) -> str:
+        if err == errno.ENOENT:
+            return "the IOAS does not exist (destroyed, or from another iommufd)"
+        return self.iommufd.hint(operation, err)
+
     def ranges(self) -> IoasRanges:
-        return self.iommufd._call("IOAS_IOVA_RANGES", self.iommufd.kernel.ioas_iova_ranges, self.id)
+        return self._call("IOAS_IOVA_RANGES", self.iommufd.kernel.ioas_iova_ranges, self.id)
 
     def iova_ranges(self) -> tuple[IovaRange, ...]:
         return self.ranges().ranges
@@ -80,7 +99,7 @@ class Ioas:
             flags |= abi.IoasMapFlag.READABLE
         if write:
             flags |= abi.IoasMapFlag.WRITEABLE
-        mapped = self.iommufd._call(
+        mapped = self._call(
             "IOAS_MAP", self.iommufd.kernel.ioas_map, self.id, vaddr, size, iova, flags
         )
         if mapped != iova:
@@ -89,7 +108,7 @@ class Ioas:
             )
 
     def unmap_dma(self, iova: int, size: int) -> int:
-        return self.iommufd._call("IOAS_UNMAP", self.iommufd.kernel.ioas_unmap, self.id, iova, size)
+        return self._call("IOAS_UNMAP", self.iommufd.kernel.ioas_unmap, self.id, iova, size)
 
     def destroy(self) -> None:
-        self.iommufd._call("IOMMUFD_DESTROY", self.iommufd.kernel.iommufd_destroy, self.id)
+        self._call("IOMMUFD_DESTROY", self.iommufd.kernel.iommufd_destroy, self.id)

@@ -134,8 +134,12 @@ def _ioctl(fd: int, request: abi.Ioctl, arg: _CData | int = 0) -> int:
     if isinstance(arg, int):
         return fcntl.ioctl(fd, request, arg)
     buf = bytearray(bytes(arg))
-    result: int = fcntl.ioctl(fd, request, buf, True)
-    ctypes.memmove(ctypes.addressof(arg), bytes(buf), len(buf))
+    try:
+        result: int = fcntl.ioctl(fd, request, buf, True)
+    finally:
+        # Copy back on failure too: some errors come with an answer, e.g.
+        # IOAS_IOVA_RANGES sets num_iovas along with EMSGSIZE.
+        ctypes.memmove(ctypes.addressof(arg), bytes(buf), len(buf))
     return result
 
 

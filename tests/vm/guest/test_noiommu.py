@@ -10,10 +10,19 @@ import pytest
 
 from tests.vm.guest.conftest import Bound
 from tests.vm.topology import E1000E, E1000E_IDS
+from vfiod.host import binding
 from vfiod.host.binding import wait_for_node
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.pci import PciAddress
-from vfiod.vfio import Container, Group, LinuxKernel, NotSupportedError, abi, group_path
+from vfiod.vfio import (
+    Container,
+    Group,
+    LinuxKernel,
+    NotSupportedError,
+    VfioError,
+    abi,
+    group_path,
+)
 
 NOIOMMU_PARAM = "/sys/module/vfio/parameters/enable_unsafe_noiommu_mode"
 TAINT_USER = 1 << 6
@@ -27,8 +36,6 @@ def noiommu_mode(sysfs: Sysfs) -> Iterator[None]:
 
 
 def test_vfio_pci_refuses_without_noiommu_mode(sysfs: Sysfs) -> None:
-    from vfiod.host import binding
-
     address = PciAddress.parse(E1000E)
     assert sysfs.read(NOIOMMU_PARAM) == "N"
     assert sysfs.iommu_group(address) is None
@@ -73,8 +80,6 @@ def test_noiommu_sequence(
 def test_noiommu_group_needs_its_name(
     sysfs: Sysfs, kernel: LinuxKernel, bind_vfio: Bound, noiommu_mode: None
 ) -> None:
-    from vfiod.vfio import VfioError
-
     bind_vfio(E1000E)
     number = sysfs.iommu_group(PciAddress.parse(E1000E))
     assert number is not None
