@@ -258,7 +258,7 @@ class vfio_device_bind_iommufd(_Struct):
 
 
 class vfio_device_attach_iommufd_pt(_Struct):
-    # Linux 6.13 appended ``pasid``; argsz tells the kernel we stop here.
+    # Linux 6.15 appended ``pasid``; argsz tells the kernel we stop here.
     _fields_ = [
         ("argsz", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
