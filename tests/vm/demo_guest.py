@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 from tests.vm.topology import E1000E
 from vfiod.host import binding
@@ -12,6 +13,7 @@ from vfiod.host.inventory import scan
 from vfiod.host.sysfs import Sysfs
 from vfiod.pci import PciAddress
 from vfiod.report import inventory_table
+from vfiod.state import StateFile
 from vfiod.vfio import (
     CdevDevice,
     Container,
@@ -103,8 +105,20 @@ def main() -> int:
     show_inventory(sysfs)
     address = PciAddress.parse(E1000E)
     step(f"binding {address} to vfio-pci (driver_override, unbind, drivers_probe)")
-    done = binding.bind(sysfs, address)
-    show(f"{address}: {done.original_driver} -> {sysfs.driver(address)}")
+    with tempfile.TemporaryDirectory() as state_dir:
+        binder = binding.Binder(sysfs, StateFile(os.path.join(state_dir, "state.json")))
+        walkthrough(sysfs, kernel, binder, address)
+    show_inventory(sysfs)
+    return 0
+
+
+def walkthrough(
+    sysfs: Sysfs, kernel: LinuxKernel, binder: binding.Binder, address: PciAddress
+) -> None:
+    record = binder.bind(address)
+    assert record is not None
+    show(f"{address}: {record.original_driver} -> {sysfs.driver(address)}")
+    show(f"recorded first in the state file: {record}")
     try:
         binding.wait_for_node(group_path(sysfs.iommu_group(address) or "0"))
         legacy_walkthrough(sysfs, kernel, address)
@@ -114,10 +128,8 @@ def main() -> int:
             step("iommufd: this kernel has none (the test kernel has; see README)")
     finally:
         step(f"restoring {address}")
-        binding.restore(sysfs, done)
+        binder.restore(address)
         show(f"{address}: back on {sysfs.driver(address)}")
-    show_inventory(sysfs)
-    return 0
 
 
 if __name__ == "__main__":

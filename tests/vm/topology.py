@@ -84,7 +84,7 @@ class Boot:
 GUEST_DIR = "tests/vm/guest"
 
 BOOTS = (
-    Boot(KernelKind.STOCK, IOMMU, ("test_legacy.py",)),
+    Boot(KernelKind.STOCK, IOMMU, ("test_legacy.py", "test_host.py")),
     Boot(KernelKind.TEST, IOMMU, ("test_legacy.py", "test_iommufd.py")),
     Boot(KernelKind.TEST, NOIOMMU, ("test_noiommu.py",)),
 )

@@ -1,34 +1,48 @@
-"""Moving a PCI device between drivers the safe way.
+"""Moving PCI devices between drivers the safe way, with a record to undo it.
 
 Bind: set ``driver_override``, unbind from the current driver, ask the bus to
 probe the device again (``drivers_probe``) — only the named driver may take it.
 Never ``new_id``: that makes a driver grab every device with the same IDs.
-Restore: unbind, clear ``driver_override``, reprobe, and check that the
-original driver came back.
+Restore: unbind, put the old ``driver_override`` back, reprobe, and check that
+the original driver came back.
+
+The original driver is written to the state file *before* the first sysfs
+write, so a crash at any point leaves a record that ``repair()`` acts on at
+the next start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import errno
 import os
+import signal
 import subprocess
 import time
+from collections.abc import Collection, Iterable
 
+from vfiod.host.inventory import IommuGroup, PciDevice, is_dma_safe
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.pci import PciAddress
+from vfiod.state import BindingRecord, BindPhase, StateFile
 
 VFIO_PCI = "vfio-pci"
 
 
-@dataclasses.dataclass(frozen=True)
-class Binding:
-    """What a device was bound to before vfiod moved it."""
+class FaultPoint(enum.StrEnum):
+    """Where a test may make the binding process die, to prove repair works."""
 
-    address: PciAddress
-    original_driver: str | None
-    original_override: str | None
+    AFTER_OVERRIDE = "after-override"
+    AFTER_UNBIND = "after-unbind"
+
+
+@dataclasses.dataclass(frozen=True)
+class RepairResult:
+    address: str
+    restored_to: str | None
+    error: str | None
 
 
 def _write(sysfs: Sysfs, path: str, value: str, what: str, address: PciAddress) -> None:
@@ -61,54 +75,167 @@ def ensure_driver(sysfs: Sysfs, driver: str) -> None:
         )
 
 
-def bind(sysfs: Sysfs, address: PciAddress, driver: str = VFIO_PCI) -> Binding:
-    """Bind one device to ``driver``; return what it had before."""
-    device = sysfs.require_device(address)
-    before = Binding(address, sysfs.driver(address), sysfs.driver_override(address))
-    if before.original_driver == driver:
-        return before
-    ensure_driver(sysfs, driver)
-    _write(
-        sysfs, os.path.join(device, "driver_override"), driver, "setting driver_override", address
-    )
-    if before.original_driver is not None:
-        _write(sysfs, os.path.join(device, "driver", "unbind"), str(address), "unbind", address)
-    _reprobe(sysfs, address)
-    now = sysfs.driver(address)
-    if now != driver:
-        restore(sysfs, before)
-        raise HostError(
-            errno.EIO,
-            f"{driver} did not take {address} (it is {now or 'unbound'}); the device "
-            f"was put back on {before.original_driver or 'no driver'}; see the kernel log",
-        )
-    return before
+def needs_binding(device: PciDevice, driver: str = VFIO_PCI) -> bool:
+    """Must this group member move for the group to be assigned? Only members
+    on a driver that claims DMA do: unbound members and bridges on pcieport
+    keep the group viable where they are (vfio-pci would not take a bridge)."""
+    return device.driver not in (None, driver) and not is_dma_safe(device.driver)
 
 
-def restore(sysfs: Sysfs, binding: Binding) -> None:
-    """Give the device back to the driver it had before ``bind``."""
-    address = binding.address
-    device = sysfs.require_device(address)
-    if sysfs.driver(address) is not None:
-        _write(sysfs, os.path.join(device, "driver", "unbind"), str(address), "unbind", address)
-    _write(
-        sysfs,
-        os.path.join(device, "driver_override"),
-        binding.original_override or "\n",
-        "clearing driver_override",
-        address,
-    )
-    if binding.original_driver is None:
-        return
-    ensure_driver(sysfs, binding.original_driver)
-    _reprobe(sysfs, address)
-    now = sysfs.driver(address)
-    if now != binding.original_driver:
-        raise HostError(
-            errno.EIO,
-            f"{address} did not go back to {binding.original_driver} "
-            f"(it is {now or 'unbound'}); try: echo {address} > /sys/bus/pci/drivers_probe",
+class Binder:
+    """Binds and restores devices, keeping the state file true at every step."""
+
+    def __init__(self, sysfs: Sysfs, state: StateFile, *, fault: FaultPoint | None = None) -> None:
+        self.sysfs = sysfs
+        self.state = state
+        self.fault = fault
+
+    def _maybe_die(self, point: FaultPoint) -> None:
+        if self.fault is point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def bind(self, address: PciAddress, driver: str = VFIO_PCI) -> BindingRecord | None:
+        """Bind one device to ``driver``. Returns the record of what it had,
+        or None when it was on ``driver`` already (nothing to undo)."""
+        device = self.sysfs.require_device(address)
+        original = self.sysfs.driver(address)
+        if original == driver:
+            return None
+        ensure_driver(self.sysfs, driver)
+        record = BindingRecord(
+            address=str(address),
+            driver=driver,
+            original_driver=original,
+            original_override=self.sysfs.driver_override(address),
+            phase=BindPhase.BINDING,
         )
+        self.state.update(lambda s: s.with_binding(record))
+
+        _write(
+            self.sysfs,
+            os.path.join(device, "driver_override"),
+            driver,
+            "setting driver_override",
+            address,
+        )
+        self._maybe_die(FaultPoint.AFTER_OVERRIDE)
+        if original is not None:
+            _write(
+                self.sysfs,
+                os.path.join(device, "driver", "unbind"),
+                str(address),
+                "unbind",
+                address,
+            )
+        self._maybe_die(FaultPoint.AFTER_UNBIND)
+        _reprobe(self.sysfs, address)
+        now = self.sysfs.driver(address)
+        if now != driver:
+            self.restore(address)
+            raise HostError(
+                errno.EIO,
+                f"{driver} did not take {address} (it was left {now or 'unbound'}); the "
+                f"device was put back on {original or 'no driver'}; see the kernel log",
+            )
+        bound = dataclasses.replace(record, phase=BindPhase.BOUND)
+        self.state.update(lambda s: s.with_binding(bound))
+        return bound
+
+    def bind_group(self, group: IommuGroup, driver: str = VFIO_PCI) -> list[BindingRecord]:
+        """Bind every member that must move; on any failure undo all of them."""
+        done: list[BindingRecord] = []
+        try:
+            for device in group.devices:
+                if needs_binding(device, driver):
+                    record = self.bind(device.address, driver)
+                    if record is not None:
+                        done.append(record)
+        except BaseException:
+            self.restore_all(PciAddress.parse(r.address) for r in reversed(done))
+            raise
+        return done
+
+    def restore(self, address: PciAddress) -> str | None:
+        """Give a device back to the driver recorded before it was bound;
+        return that driver. The record goes only once that worked."""
+        record = self.state.load().bindings.get(str(address))
+        if record is None:
+            raise HostError(
+                errno.ENOENT,
+                f"vfiod has no record of binding {address}; it was not moved by vfiod, "
+                "so vfiod leaves it where it is",
+            )
+        try:
+            self._restore(address, record)
+        except HostError:
+            failed = dataclasses.replace(record, phase=BindPhase.RESTORE_FAILED)
+            self.state.update(lambda s: s.with_binding(failed))
+            raise
+        self._forget(str(address))
+        return record.original_driver
+
+    def _forget(self, address: str) -> None:
+        self.state.update(lambda s: s.without_binding(address))
+
+    def _restore(self, address: PciAddress, record: BindingRecord) -> None:
+        device = self.sysfs.require_device(address)
+        if self.sysfs.driver(address) is not None:
+            _write(
+                self.sysfs,
+                os.path.join(device, "driver", "unbind"),
+                str(address),
+                "unbind",
+                address,
+            )
+        _write(
+            self.sysfs,
+            os.path.join(device, "driver_override"),
+            record.original_override or "\n",
+            "restoring driver_override",
+            address,
+        )
+        if record.original_driver is None:
+            return
+        ensure_driver(self.sysfs, record.original_driver)
+        _reprobe(self.sysfs, address)
+        now = self.sysfs.driver(address)
+        if now != record.original_driver:
+            raise HostError(
+                errno.EIO,
+                f"{address} did not go back to {record.original_driver} "
+                f"(it is {now or 'unbound'}); see the kernel log, then try: "
+                f"echo {address} > /sys/bus/pci/drivers_probe",
+            )
+
+    def restore_all(self, addresses: Iterable[PciAddress]) -> None:
+        """Restore each; report every failure, not just the first."""
+        errors: list[str] = []
+        for address in addresses:
+            try:
+                self.restore(address)
+            except HostError as e:
+                errors.append(str(e))
+        if errors:
+            raise HostError(errno.EIO, "; ".join(errors))
+
+    def repair(self, keep: Collection[str] = ()) -> list[RepairResult]:
+        """After a crash or restart: restore every device vfiod moved, except
+        those in ``keep`` (still leased). A device that has gone away loses
+        its record — there is nothing left to restore."""
+        results: list[RepairResult] = []
+        for address, record in self.state.load().bindings.items():
+            if address in keep and record.phase is BindPhase.BOUND:
+                continue
+            pci = PciAddress.parse(address)
+            if not os.path.isdir(self.sysfs.device_path(pci)):
+                self._forget(address)
+                results.append(RepairResult(address, None, "the device is gone"))
+                continue
+            try:
+                results.append(RepairResult(address, self.restore(pci), None))
+            except HostError as e:
+                results.append(RepairResult(address, None, str(e)))
+        return results
 
 
 def wait_for_node(path: str, timeout: float = 5.0) -> None:

@@ -167,19 +167,24 @@ def read_device(sysfs: Sysfs, address: PciAddress) -> PciDevice:
 
 
 def scan(sysfs: Sysfs) -> Inventory:
-    devices: dict[PciAddress, PciDevice] = {}
+    devices = {}
     for name in sorted(os.listdir(sysfs.path("bus/pci/devices"))):
         address = PciAddress.parse(name)
         devices[address] = read_device(sysfs, address)
+    return assemble(sysfs, devices)
+
+
+def assemble(sysfs: Sysfs, devices: dict[PciAddress, PciDevice]) -> Inventory:
+    """Group devices into their IOMMU groups."""
     members: dict[str, list[PciDevice]] = {}
-    for device in devices.values():
+    for device in sorted(devices.values(), key=lambda d: d.address):
         if device.group is not None:
             members.setdefault(device.group, []).append(device)
     groups: dict[str, IommuGroup] = {}
     for group_id, group_devices in members.items():
         try:
             name = sysfs.read(sysfs.path("kernel/iommu_groups", group_id, "name"))
-        except FileNotFoundError:
+        except OSError:
             name = ""
         groups[group_id] = IommuGroup(group_id, name == NOIOMMU_GROUP_NAME, tuple(group_devices))
     return Inventory(devices, groups)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from tests.vm.topology import TOPOLOGIES, KernelKind, Topology
 from vfiod.host import binding
 from vfiod.host.sysfs import Sysfs
 from vfiod.pci import PciAddress
+from vfiod.state import BindingRecord, StateFile
 from vfiod.vfio import LinuxKernel
 
 
@@ -37,24 +39,32 @@ def sysfs() -> Sysfs:
 class Bound:
     """Devices moved to vfio-pci for one test; put back and checked afterwards."""
 
-    def __init__(self, sysfs: Sysfs) -> None:
-        self.sysfs = sysfs
-        self.bindings: list[binding.Binding] = []
+    def __init__(self, binder: binding.Binder) -> None:
+        self.binder = binder
+        self.records: list[BindingRecord] = []
 
-    def __call__(self, address: str) -> binding.Binding:
-        done = binding.bind(self.sysfs, PciAddress.parse(address))
-        self.bindings.append(done)
-        return done
+    def __call__(self, address: str) -> BindingRecord:
+        record = self.binder.bind(PciAddress.parse(address))
+        assert record is not None, f"{address} was on vfio-pci already"
+        self.records.append(record)
+        return record
 
     def restore_all(self) -> None:
-        for done in reversed(self.bindings):
-            binding.restore(self.sysfs, done)
-            assert self.sysfs.driver(done.address) == done.original_driver
-        self.bindings.clear()
+        for record in reversed(self.records):
+            address = PciAddress.parse(record.address)
+            assert self.binder.restore(address) == record.original_driver
+            assert self.binder.sysfs.driver(address) == record.original_driver
+        self.records.clear()
+        assert not self.binder.state.load().bindings
 
 
 @pytest.fixture
-def bind_vfio(sysfs: Sysfs) -> Iterator[Bound]:
-    bound = Bound(sysfs)
+def binder(sysfs: Sysfs, tmp_path: Path) -> binding.Binder:
+    return binding.Binder(sysfs, StateFile(str(tmp_path / "state.json")))
+
+
+@pytest.fixture
+def bind_vfio(binder: binding.Binder) -> Iterator[Bound]:
+    bound = Bound(binder)
     yield bound
     bound.restore_all()

@@ -36,8 +36,8 @@ def test_e1000e_alone_in_its_group(sysfs: Sysfs) -> None:
 
 
 def test_full_legacy_sequence(sysfs: Sysfs, kernel: LinuxKernel, bind_vfio: Bound) -> None:
-    before = bind_vfio(E1000E)
-    assert before.original_driver == "e1000e"
+    record = bind_vfio(E1000E)
+    assert record.original_driver == "e1000e"
     assert sysfs.driver(PciAddress.parse(E1000E)) == "vfio-pci"
     group_id = _group_of(sysfs, E1000E)
     wait_for_node(group_path(group_id))

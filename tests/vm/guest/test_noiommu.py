@@ -12,6 +12,7 @@ from tests.vm.guest.conftest import Bound
 from tests.vm.topology import E1000E, E1000E_IDS
 from vfiod.host import binding
 from vfiod.host.binding import wait_for_node
+from vfiod.host.inventory import scan
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.pci import PciAddress
 from vfiod.vfio import (
@@ -35,17 +36,22 @@ def noiommu_mode(sysfs: Sysfs) -> Iterator[None]:
     sysfs.write(NOIOMMU_PARAM, "N")
 
 
-def test_vfio_pci_refuses_without_noiommu_mode(sysfs: Sysfs) -> None:
+def test_vfio_pci_refuses_without_noiommu_mode(sysfs: Sysfs, binder: binding.Binder) -> None:
     address = PciAddress.parse(E1000E)
     assert sysfs.read(NOIOMMU_PARAM) == "N"
     assert sysfs.iommu_group(address) is None
+    with pytest.raises(HostError) as no_group:
+        scan(sysfs).group_of(address)
+    assert "0000:00:10.0 has no IOMMU group: boot with the IOMMU on" in str(no_group.value)
     with pytest.raises(HostError) as refused:
-        binding.bind(sysfs, address)
+        binder.bind(address)
     assert "vfio-pci did not take 0000:00:10.0" in str(refused.value)
     assert "put back on e1000e" in str(refused.value)
-    # Nothing left behind: the device is back on its driver, override cleared.
+    # Nothing left behind: the device is back on its driver, override and
+    # record cleared.
     assert sysfs.driver(address) == "e1000e"
     assert sysfs.driver_override(address) is None
+    assert not binder.state.load().bindings
 
 
 def test_noiommu_sequence(
