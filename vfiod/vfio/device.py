@@ -117,8 +117,10 @@ class CdevDevice(Device):
         return cls(kernel, fd, path, name)
 
     def hint(self, operation: str, err: int) -> str:
+        if operation == "DEVICE_BIND_IOMMUFD" and err == errno.EINVAL:
+            return "the device is already bound to an iommufd (one bind per device)"
         if operation == "DEVICE_BIND_IOMMUFD" and err == errno.EBUSY:
-            return "the device is already bound, or its group is open through the legacy interface"
+            return "its group is open through the legacy interface"
         if operation == "DEVICE_ATTACH_IOMMUFD_PT" and err == errno.EINVAL:
             return "bind the device to an iommufd first, and attach an IOAS of that iommufd"
         return super().hint(operation, err)

@@ -118,7 +118,8 @@ def open_node(kernel: Kernel, path: str, kind: str, missing_hint: str) -> int:
         hints = {
             errno.ENOENT: missing_hint,
             errno.EBUSY: f"the {kind} is already open: a VFIO {kind} node opens only once, "
-            "and stays busy until every device fd from it is closed",
+            "and stays busy until every device fd from it is closed"
+            + ("; or one of its devices is in use through its cdev" if kind == "group" else ""),
             errno.EACCES: f"{path} is root-only; ask vfiod for it instead of opening it",
             errno.EPERM: "no-IOMMU groups need CAP_SYS_RAWIO",
         }

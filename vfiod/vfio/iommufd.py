@@ -41,8 +41,8 @@ class IommuFd(Handle):
 
     @property
     def rlimit_mode(self) -> int:
-        """0: pinned pages count against the mapping process (RLIMIT_MEMLOCK of
-        that process); 1: against its user."""
+        """How pinned pages count against RLIMIT_MEMLOCK: 0 (the default) per
+        user, 1 per process."""
         return self._call(
             "IOMMUFD_OPTION",
             self.kernel.iommufd_option,
@@ -81,6 +81,8 @@ class Ioas:
         return checked_call(operation, self.target, self.hint, fn, fd, *args, **kwargs)
 
     def hint(self, operation: str, err: int) -> str:
+        if operation == "IOAS_UNMAP" and err == errno.ENOENT:
+            return "nothing is mapped there, or the range cuts a mapping: unmap whole mappings"
         if err == errno.ENOENT:
             return "the IOAS does not exist (destroyed, or from another iommufd)"
         return self.iommufd.hint(operation, err)

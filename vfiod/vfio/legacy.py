@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from typing import Self
 
 from vfiod.pci import AddressError, PciAddress
@@ -78,6 +79,14 @@ class Container(Handle):
                 "the container has no group",
                 "attach a group with Group.set_container() first",
             )
+        if self.iommu_type is not None:
+            raise VfioError(
+                errno.EBUSY,
+                "SET_IOMMU",
+                self.target,
+                f"the IOMMU model is already set ({self.iommu_type.name})",
+                "it stays until the last group leaves the container",
+            )
         if iommu_type is None:
             iommu_type = self._best_iommu_type()
         self._call("SET_IOMMU", self.kernel.set_iommu, iommu_type)
@@ -145,7 +154,7 @@ def group_path(group: int | str, dev_dir: str = DEV_VFIO) -> str:
     """The node of a group: 9 -> /dev/vfio/9, "noiommu-0" -> /dev/vfio/noiommu-0."""
     name = str(group)
     number = name.removeprefix(NOIOMMU_PREFIX)
-    if not number.isdecimal() or "/" in name:
+    if not re.fullmatch(r"[0-9]+", number):
         raise VfioError(
             errno.EINVAL,
             "open",
@@ -218,6 +227,14 @@ class Group(Handle):
                 f"already in container {self.container.target}",
                 "unset the container first",
             )
+        if any(group.noiommu != self.noiommu for group in container.groups):
+            raise VfioError(
+                errno.EPERM,
+                "GROUP_SET_CONTAINER",
+                self.target,
+                "a no-IOMMU group cannot share a container with IOMMU-backed groups",
+                "use a container of its own for each kind",
+            )
         self._call("GROUP_SET_CONTAINER", self.kernel.group_set_container, container.fileno())
         self.container = container
         container.groups.append(self)
@@ -226,7 +243,14 @@ class Group(Handle):
         if self.container is None:
             return
         self._call("GROUP_UNSET_CONTAINER", self.kernel.group_unset_container)
+        self._leave_container()
+
+    def _leave_container(self) -> None:
+        assert self.container is not None
         self.container.groups.remove(self)
+        # The kernel drops the IOMMU model, and every mapping, with the last group.
+        if not self.container.groups:
+            self.container.iommu_type = None
         self.container = None
 
     def open_device(self, address: str | PciAddress) -> Device:
@@ -244,6 +268,5 @@ class Group(Handle):
             try:
                 self.unset_container()
             except VfioError:
-                self.container.groups.remove(self)
-                self.container = None
+                self._leave_container()
         super().close()
