@@ -4,8 +4,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := qemu-system-x86 linux-image-amd64 dbus libsystemd-dev pkg-config \
-	python3-venv python3-dev gcc busybox-static kmod udev
 STAMP := build/stamps
 
 .PHONY: check demo deps venv test lint unit vm test-kernel clean
@@ -14,18 +12,13 @@ STAMP := build/stamps
 # tests, and the VM tests on real kernels.
 check: deps venv test
 
-# Debian packages the tests need: QEMU and a stock kernel for the VM tests,
-# dbus for the bus tests, libsystemd-dev + pkg-config to build systemd-python.
+# Debian packages the tests need: QEMU >= 9 (from bookworm-backports) and a
+# stock kernel for the VM tests, dbus for the bus tests, libsystemd-dev and
+# pkg-config to build systemd-python.
 deps: $(STAMP)/deps
-$(STAMP)/deps:
+$(STAMP)/deps: scripts/install-deps.sh
+	scripts/install-deps.sh
 	@mkdir -p $(STAMP)
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null \
-		| grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages:" $$missing; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-			--no-install-recommends $$missing; \
-	fi
 	@touch $@
 
 # The project's virtualenv with the package (editable) and its test and VM extras.

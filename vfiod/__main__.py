@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from vfiod import __version__
+from vfiod.host.hwdb import HardwareDatabase
 from vfiod.host.inventory import scan
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.report import inventory_json, inventory_table
@@ -19,7 +20,11 @@ EXIT_USAGE = 2
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    inventory = scan(Sysfs(args.sysfs))
+    hwdb = HardwareDatabase()
+    try:
+        inventory = scan(Sysfs(args.sysfs), hwdb)
+    finally:
+        hwdb.close()
     if args.json:
         json.dump(inventory_json(inventory), sys.stdout, indent=2)
         print()

@@ -38,14 +38,14 @@ def inventory_json(inventory: Inventory) -> dict[str, object]:
 
 def inventory_table(inventory: Inventory) -> str:
     """IOMMU groups with their devices, for people."""
-    lines = [f"{'GROUP':>7}  {'VIABLE':6}  {'DEVICE':12}  {'IDS':9}  {'DRIVER':14}  CLASS"]
+    lines = [f"{'GROUP':>7}  {'VIABLE':6}  {'DEVICE':12}  {'IDS':9}  {'DRIVER':14}  DESCRIPTION"]
     for group in sorted(inventory.groups.values(), key=lambda g: (g.noiommu, int(g.id))):
         viable = "yes" if group.viable else "no"
         for i, device in enumerate(group.devices):
             name, shown = (group.node_name, viable) if i == 0 else ("", "")
             lines.append(
                 f"{name:>7}  {shown:6}  {device.address!s:12}  {device.ids:9}  "
-                f"{device.driver or '-':14}  {device.class_name}"
+                f"{device.driver or '-':14}  {device.description or device.class_name}"
             )
         for blocker in group.blockers():
             lines.append(f"{'':>7}  {'':6}  not viable: {blocker.reason}")

@@ -17,18 +17,8 @@ fi
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# linux-source-6.12 is in bookworm-backports (and trixie). Add backports with
-# the mirror this machine already uses for bookworm.
-if ! apt-cache policy linux-source-6.12 2>/dev/null | grep -q Candidate:.*[0-9]; then
-    step "adding bookworm-backports"
-    uri=$(awk '$1 == "deb" && $3 == "bookworm" { print $2; exit }' /etc/apt/sources.list 2>/dev/null || true)
-    if [ -z "$uri" ]; then
-        uri=$(grep -h -m1 '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{ print $2; exit }')
-    fi
-    [ -n "$uri" ] || { echo "no Debian mirror configured in /etc/apt" >&2; exit 1; }
-    echo "deb $uri bookworm-backports main" > /etc/apt/sources.list.d/vfiod-backports.list
-    apt-get update -q
-fi
+# linux-source-6.12 is in bookworm-backports (and trixie).
+"$project/scripts/apt-backports.sh"
 
 step "installing the kernel source and build tools"
 DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \

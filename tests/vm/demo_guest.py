@@ -9,6 +9,7 @@ import tempfile
 
 from tests.vm.topology import E1000E
 from vfiod.host import binding
+from vfiod.host.hwdb import HardwareDatabase
 from vfiod.host.inventory import scan
 from vfiod.host.sysfs import Sysfs
 from vfiod.pci import PciAddress
@@ -38,7 +39,9 @@ def show(text: str) -> None:
 
 
 def show_inventory(sysfs: Sysfs) -> None:
-    inventory = scan(sysfs)
+    hwdb = HardwareDatabase()
+    inventory = scan(sysfs, hwdb)
+    hwdb.close()
     step(
         f"vfiod's view of this host (vfiod inventory): {len(inventory.devices)} PCI devices, "
         f"{len(inventory.groups)} IOMMU groups"

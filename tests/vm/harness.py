@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -84,6 +85,9 @@ def vng_path() -> str:
     return found
 
 
+_KERNEL_LOG = re.compile(r"\[\s*\d+\.\d+\] ")
+
+
 @dataclasses.dataclass(frozen=True)
 class VmRun:
     returncode: int
@@ -110,6 +114,7 @@ def run_vm(
         str(kernel),
         "--disable-kvm",  # this host's /dev/kvm cannot boot stock kernels
         "--disable-microvm",  # q35: PCIe, ICH9 and the emulated IOMMU
+        "--verbose",  # the kernel log goes into console.log, for failures
         "--cpus",
         "2",
         "--memory",
@@ -139,7 +144,8 @@ def run_vm(
     try:
         for line in proc.stdout:
             lines.append(line)
-            progress(line.rstrip("\n"))
+            if not _KERNEL_LOG.match(line):
+                progress(line.rstrip("\n"))
             if time.monotonic() - started > timeout:
                 proc.kill()
                 lines.append(f"\n[harness] VM killed after {timeout:g} s\n")

@@ -43,18 +43,22 @@ ICH9_LPC = "0000:00:1f.0"  # the ICH9 functions of q35 share one group with
 ICH9_SATA = "0000:00:1f.2"  # host drivers bound: a real non-viable group
 ICH9_SMBUS = "0000:00:1f.3"
 E1000E_IDS = (0x8086, 0x10D3)
+IGB_PF = "0000:02:00.0"  # igb (SR-IOV capable, QEMU >= 8) behind a PCIe root port
 
 _DEVICES = (
     "e1000e,addr=10.0",
     "pcie-pci-bridge,id=br0,addr=11.0",
     "e1000,bus=br0,addr=1.0",
     "e1000,bus=br0,addr=2.0",
+    "pcie-root-port,id=rp0,addr=12.0,chassis=1",
+    "igb,bus=rp0",
 )
 
 IOMMU = Topology(
     "iommu",
     "q35 with an emulated Intel IOMMU: e1000e alone in its group, the ICH9 "
-    "functions in one group, a pcie-pci-bridge with two e1000 in a three-member group",
+    "functions in one group, a pcie-pci-bridge with two e1000 in a three-member group, "
+    "an SR-IOV igb behind a root port",
     iommu=True,
     qemu_devices=_DEVICES,
 )

@@ -3,10 +3,12 @@ can or cannot be assigned."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
 
+from vfiod.host.hwdb import HardwareDatabase
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.pci import AddressError, PciAddress
 
@@ -71,6 +73,7 @@ class PciDevice:
     reset_methods: tuple[str, ...]
     physfn: PciAddress | None  # the PF of an SR-IOV VF
     virtfns: tuple[PciAddress, ...]
+    description: str | None = None  # vendor and model from the hardware database
 
     @property
     def class_name(self) -> str:
@@ -135,8 +138,14 @@ def _link_address(path: str) -> PciAddress | None:
         return None
 
 
-def read_device(sysfs: Sysfs, address: PciAddress) -> PciDevice:
+def read_device(
+    sysfs: Sysfs, address: PciAddress, hwdb: HardwareDatabase | None = None
+) -> PciDevice:
     path = sysfs.require_device(address)
+    description = None
+    if hwdb is not None:
+        with contextlib.suppress(OSError):
+            description = hwdb.describe(sysfs.read(os.path.join(path, "modalias")))
     try:
         reset_methods = tuple(sysfs.read(os.path.join(path, "reset_method")).split())
     except OSError:
@@ -163,14 +172,15 @@ def read_device(sysfs: Sysfs, address: PciAddress) -> PciDevice:
         reset_methods=reset_methods,
         physfn=_link_address(os.path.join(path, "physfn")),
         virtfns=tuple(virtfns),
+        description=description,
     )
 
 
-def scan(sysfs: Sysfs) -> Inventory:
+def scan(sysfs: Sysfs, hwdb: HardwareDatabase | None = None) -> Inventory:
     devices = {}
     for name in sorted(os.listdir(sysfs.path("bus/pci/devices"))):
         address = PciAddress.parse(name)
-        devices[address] = read_device(sysfs, address)
+        devices[address] = read_device(sysfs, address, hwdb)
     return assemble(sysfs, devices)
 
 

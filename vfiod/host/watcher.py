@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pyudev
 
+from vfiod.host.hwdb import HardwareDatabase
 from vfiod.host.inventory import Inventory, PciDevice, assemble, read_device, scan
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.pci import AddressError, PciAddress
@@ -118,10 +119,13 @@ class HostEvent:
 class Host:
     """The live inventory: a scan at start, then kept true by uevents."""
 
-    def __init__(self, sysfs: Sysfs, state: StateFile) -> None:
+    def __init__(
+        self, sysfs: Sysfs, state: StateFile, hwdb: HardwareDatabase | None = None
+    ) -> None:
         self.sysfs = sysfs
         self.state = state
-        self.inventory: Inventory = scan(sysfs)
+        self.hwdb = hwdb
+        self.inventory: Inventory = scan(sysfs, hwdb)
         self.listeners: list[Callable[[HostEvent], None]] = []
 
     def apply(self, event: UEvent) -> HostEvent | None:
@@ -137,7 +141,7 @@ class Host:
                 self.state.update(lambda s: s.without_binding(str(event.address)))
         else:
             try:
-                device = read_device(self.sysfs, event.address)
+                device = read_device(self.sysfs, event.address, self.hwdb)
             except (HostError, OSError) as e:
                 log.warning("uevent %s for %s: cannot read it: %s", event.action, event.address, e)
                 return None

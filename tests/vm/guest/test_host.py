@@ -19,9 +19,11 @@ from tests.vm.topology import (
     ICH9_LPC,
     ICH9_SATA,
     ICH9_SMBUS,
+    IGB_PF,
     KernelKind,
 )
 from vfiod.host.binding import Binder, FaultPoint
+from vfiod.host.hwdb import HardwareDatabase
 from vfiod.host.inventory import scan
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.host.watcher import (
@@ -39,18 +41,25 @@ E1000E_ADDRESS = PciAddress.parse(E1000E)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _smbus_driver(kernel_kind: KernelKind) -> None:
-    # Without udevd in the VM nothing loads modules by alias; the test kernel
-    # has the driver built in.
+def _host_drivers(kernel_kind: KernelKind) -> None:
+    # virtme-ng's udevd does not load modules for coldplugged devices; the
+    # test kernel has these drivers built in.
     if kernel_kind is KernelKind.STOCK:
-        subprocess.run(["modprobe", "i2c-i801"], check=True)
+        for module in ("i2c-i801", "igb", "igbvf"):
+            subprocess.run(["modprobe", module], check=True)
 
 
 def test_inventory_names_every_blocker(sysfs: Sysfs) -> None:
-    inventory = scan(sysfs)
+    hwdb = HardwareDatabase()
+    try:
+        inventory = scan(sysfs, hwdb)
+    finally:
+        hwdb.close()
     e1000e = inventory.group_of(E1000E_ADDRESS)
     assert [str(d.address) for d in e1000e.devices] == [E1000E]
     assert e1000e.devices[0].ids == "8086:10d3"
+    assert e1000e.devices[0].description == "Intel Corporation 82574L Gigabit Network Connection"
+    assert inventory.devices[PciAddress.parse(IGB_PF)].reset_methods == ("flr", "pm", "bus")
     assert [b.reason for b in e1000e.blockers()] == [
         f"{E1000E} (Ethernet controller) is bound to e1000e"
     ]
@@ -139,6 +148,35 @@ def test_hot_removal_of_a_bound_device_is_reported(
         monitor.close()
         if sysfs.driver(E1000E_ADDRESS) != "e1000e":
             sysfs.write(sysfs.path("bus/pci/rescan"), "1")
+
+
+def test_sriov_vfs_appear_as_new_devices_and_groups(sysfs: Sysfs, binder: Binder) -> None:
+    pf = PciAddress.parse(IGB_PF)
+    numvfs = sysfs.device_path(pf) + "/sriov_numvfs"
+    host = Host(sysfs, binder.state)
+    before = host.inventory
+    assert before.devices[pf].driver == "igb"
+    assert before.devices[pf].virtfns == ()
+    monitor = UEventMonitor()
+    try:
+        sysfs.write(numvfs, "2")
+        vfs = ("0000:02:10.0", "0000:02:10.2")  # igb: VF offset 0x80, stride 2
+        asyncio.run(_collect(monitor, host, {(Action.ADD, vf) for vf in vfs}))
+        for vf in vfs:
+            device = host.inventory.devices[PciAddress.parse(vf)]
+            assert device.physfn == pf
+            assert device.group is not None
+            assert device.group not in before.groups, "each VF is a new IOMMU group"
+            assert host.inventory.group_of(device.address).devices == (device,)
+        assert [str(a) for a in scan(sysfs).devices[pf].virtfns] == list(vfs)
+
+        sysfs.write(numvfs, "0")
+        asyncio.run(_collect(monitor, host, {(Action.REMOVE, vf) for vf in vfs}))
+        assert not any(PciAddress.parse(vf) in host.inventory.devices for vf in vfs)
+        assert host.inventory.groups.keys() == before.groups.keys()
+    finally:
+        monitor.close()
+        sysfs.write(numvfs, "0")
 
 
 @pytest.mark.parametrize("fault", list(FaultPoint))

@@ -62,6 +62,10 @@ def test_noiommu_sequence(
     assert number is not None
     assert sysfs.read(f"/sys/kernel/iommu_groups/{number}/name") == "vfio-noiommu"
     name = f"noiommu-{number}"
+    group_info = scan(sysfs).group_of(PciAddress.parse(E1000E))
+    assert group_info.noiommu
+    assert group_info.node_name == name
+    assert group_info.viable
     wait_for_node(group_path(name))
 
     with Container.open(kernel) as container, Group.open(kernel, name) as group:
