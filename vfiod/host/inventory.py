@@ -198,3 +198,24 @@ def assemble(sysfs: Sysfs, devices: dict[PciAddress, PciDevice]) -> Inventory:
             name = ""
         groups[group_id] = IommuGroup(group_id, name == NOIOMMU_GROUP_NAME, tuple(group_devices))
     return Inventory(devices, groups)
+
+
+def viability_disagreement(group: IommuGroup, kernel_viable: bool) -> str | None:
+    """Compare vfiod's verdict with the kernel's VIABLE flag of the open group.
+
+    vfiod computes viability itself to name the blockers; the kernel has the
+    last word. A disagreement means vfiod's driver list is out of date for
+    this kernel: worth a log line, never to be hidden.
+    """
+    if group.viable == kernel_viable:
+        return None
+    ours = (
+        "viable"
+        if group.viable
+        else "not viable (" + "; ".join(b.reason for b in group.blockers()) + ")"
+    )
+    theirs = "viable" if kernel_viable else "not viable"
+    return (
+        f"IOMMU group {group.id}: vfiod finds it {ours}, the kernel says {theirs}; "
+        "the kernel's answer stands"
+    )
