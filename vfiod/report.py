@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
 
 from vfiod.host.inventory import Inventory
 
@@ -36,17 +37,36 @@ def inventory_json(inventory: Inventory) -> dict[str, object]:
     }
 
 
+def table(header: Sequence[str], rows: Iterable[Sequence[str] | str]) -> str:
+    """Columns as wide as their widest cell. A row that is a plain string is a
+    note under the row before it, starting at the third column."""
+    rows = list(rows)
+    cells = [header, *(r for r in rows if not isinstance(r, str))]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    indent = " " * (widths[0] + widths[1] + 4)
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+
+    return "\n".join(indent + row if isinstance(row, str) else line(row) for row in [header, *rows])
+
+
 def inventory_table(inventory: Inventory) -> str:
     """IOMMU groups with their devices, for people."""
-    lines = [f"{'GROUP':>7}  {'VIABLE':6}  {'DEVICE':12}  {'IDS':9}  {'DRIVER':14}  DESCRIPTION"]
+    rows: list[Sequence[str] | str] = []
     for group in sorted(inventory.groups.values(), key=lambda g: (g.noiommu, int(g.id))):
         viable = "yes" if group.viable else "no"
         for i, device in enumerate(group.devices):
             name, shown = (group.node_name, viable) if i == 0 else ("", "")
-            lines.append(
-                f"{name:>7}  {shown:6}  {device.address!s:12}  {device.ids:9}  "
-                f"{device.driver or '-':14}  {device.description or device.class_name}"
+            rows.append(
+                (
+                    name,
+                    shown,
+                    str(device.address),
+                    device.ids,
+                    device.driver or "-",
+                    device.description or device.class_name,
+                )
             )
-        for blocker in group.blockers():
-            lines.append(f"{'':>7}  {'':6}  not viable: {blocker.reason}")
-    return "\n".join(lines)
+        rows.extend(f"not viable: {blocker.reason}" for blocker in group.blockers())
+    return table(("GROUP", "VIABLE", "DEVICE", "IDS", "DRIVER", "DESCRIPTION"), rows)

@@ -21,7 +21,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from vfiod.host.inventory import IommuGroup, PciDevice, is_dma_safe
 from vfiod.host.sysfs import HostError, Sysfs
@@ -54,24 +54,34 @@ def _write(sysfs: Sysfs, path: str, value: str, what: str, address: PciAddress) 
 
 
 def _reprobe(sysfs: Sysfs, address: PciAddress) -> None:
-    # A driver that refuses the device makes this write fail; the callers
-    # check which driver holds the device afterwards and say so.
+    # The kernel ignores probe errors here (a refusing driver just leaves the
+    # device unbound), but the write can fail for other reasons; either way
+    # the callers check which driver holds the device afterwards and say so.
     with contextlib.suppress(OSError):
         sysfs.write(sysfs.path("bus/pci/drivers_probe"), str(address))
 
 
-def ensure_driver(sysfs: Sysfs, driver: str) -> None:
+def modprobe(module: str) -> str:
+    """Load a kernel module; return what modprobe said on failure, else ""."""
+    result = subprocess.run(
+        ["modprobe", module], capture_output=True, text=True, check=False, timeout=60
+    )
+    return "" if result.returncode == 0 else result.stderr.strip() or "nothing"
+
+
+ModuleLoader = Callable[[str], str]
+
+
+def ensure_driver(sysfs: Sysfs, driver: str, load: ModuleLoader = modprobe) -> None:
     """Load the driver's module if the driver is not registered yet."""
     if os.path.isdir(sysfs.path("bus/pci/drivers", driver)):
         return
-    result = subprocess.run(
-        ["modprobe", driver], capture_output=True, text=True, check=False, timeout=60
-    )
+    said = load(driver)
     if not os.path.isdir(sysfs.path("bus/pci/drivers", driver)):
         raise HostError(
             errno.ENOENT,
-            f"PCI driver {driver} is not available: modprobe {driver} said "
-            f"{result.stderr.strip() or 'nothing'}; install the kernel's {driver} module",
+            f"PCI driver {driver} is not available (modprobe {driver}: {said or 'no error'}); "
+            f"install the kernel's {driver} module",
         )
 
 
@@ -85,9 +95,17 @@ def needs_binding(device: PciDevice, driver: str = VFIO_PCI) -> bool:
 class Binder:
     """Binds and restores devices, keeping the state file true at every step."""
 
-    def __init__(self, sysfs: Sysfs, state: StateFile, *, fault: FaultPoint | None = None) -> None:
+    def __init__(
+        self,
+        sysfs: Sysfs,
+        state: StateFile,
+        *,
+        load_module: ModuleLoader = modprobe,
+        fault: FaultPoint | None = None,
+    ) -> None:
         self.sysfs = sysfs
         self.state = state
+        self.load_module = load_module
         self.fault = fault
 
     def _maybe_die(self, point: FaultPoint) -> None:
@@ -101,7 +119,7 @@ class Binder:
         original = self.sysfs.driver(address)
         if original == driver:
             return None
-        ensure_driver(self.sysfs, driver)
+        ensure_driver(self.sysfs, driver, self.load_module)
         record = BindingRecord(
             address=str(address),
             driver=driver,
@@ -110,36 +128,39 @@ class Binder:
             phase=BindPhase.BINDING,
         )
         self.state.update(lambda s: s.with_binding(record))
+        try:
+            self._move(address, device, original, driver)
+        except HostError as e:
+            # Undo at once rather than leave a half-done bind for repair().
+            try:
+                self.restore(address)
+            except HostError as undo:
+                raise HostError(
+                    e.errno or errno.EIO, f"{e}; putting it back failed too: {undo}"
+                ) from e
+            raise HostError(
+                e.errno or errno.EIO, f"{e}; the device was put back on {original or 'no driver'}"
+            ) from e
+        bound = dataclasses.replace(record, phase=BindPhase.BOUND)
+        self.state.update(lambda s: s.with_binding(bound))
+        return bound
 
-        _write(
-            self.sysfs,
-            os.path.join(device, "driver_override"),
-            driver,
-            "setting driver_override",
-            address,
-        )
+    def _move(self, address: PciAddress, device: str, original: str | None, driver: str) -> None:
+        override = os.path.join(device, "driver_override")
+        _write(self.sysfs, override, driver, "setting driver_override", address)
         self._maybe_die(FaultPoint.AFTER_OVERRIDE)
         if original is not None:
-            _write(
-                self.sysfs,
-                os.path.join(device, "driver", "unbind"),
-                str(address),
-                "unbind",
-                address,
-            )
+            unbind = os.path.join(device, "driver", "unbind")
+            _write(self.sysfs, unbind, str(address), "unbind", address)
         self._maybe_die(FaultPoint.AFTER_UNBIND)
         _reprobe(self.sysfs, address)
         now = self.sysfs.driver(address)
         if now != driver:
-            self.restore(address)
             raise HostError(
                 errno.EIO,
-                f"{driver} did not take {address} (it was left {now or 'unbound'}); the "
-                f"device was put back on {original or 'no driver'}; see the kernel log",
+                f"{driver} did not take {address} (it was left {now or 'unbound'}; see the "
+                "kernel log)",
             )
-        bound = dataclasses.replace(record, phase=BindPhase.BOUND)
-        self.state.update(lambda s: s.with_binding(bound))
-        return bound
 
     def bind_group(self, group: IommuGroup, driver: str = VFIO_PCI) -> list[BindingRecord]:
         """Bind every member that must move; on any failure undo all of them."""
@@ -196,7 +217,7 @@ class Binder:
         )
         if record.original_driver is None:
             return
-        ensure_driver(self.sysfs, record.original_driver)
+        ensure_driver(self.sysfs, record.original_driver, self.load_module)
         _reprobe(self.sysfs, address)
         now = self.sysfs.driver(address)
         if now != record.original_driver:

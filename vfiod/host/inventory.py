@@ -177,8 +177,16 @@ def read_device(
 
 
 def scan(sysfs: Sysfs, hwdb: HardwareDatabase | None = None) -> Inventory:
+    try:
+        names = sorted(os.listdir(sysfs.path("bus/pci/devices")))
+    except FileNotFoundError as e:
+        raise HostError(
+            errno.ENOENT,
+            f"{sysfs.path('bus/pci/devices')} is missing: this host (or container) shows no "
+            "PCI bus; run vfiod where /sys shows the PCI devices",
+        ) from e
     devices = {}
-    for name in sorted(os.listdir(sysfs.path("bus/pci/devices"))):
+    for name in names:
         address = PciAddress.parse(name)
         devices[address] = read_device(sysfs, address, hwdb)
     return assemble(sysfs, devices)
