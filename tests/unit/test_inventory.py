@@ -47,7 +47,6 @@ ICH9_BLOCKERS = (
 @pytest.fixture
 def fs(tmp_path: Path) -> FakeSysfs:
     fake = FakeSysfs(tmp_path / "sys")
-    # Registered up front: Binder runs the host's modprobe for a missing driver.
     fake.add_driver("vfio-pci")
     return fake
 
@@ -59,7 +58,12 @@ def state(tmp_path: Path) -> StateFile:
 
 @pytest.fixture
 def binder(fs: FakeSysfs, state: StateFile) -> Binder:
-    return Binder(fs, state)
+    return Binder(fs, state, load_module=no_modules)
+
+
+def no_modules(module: str) -> str:
+    """The fake host has no modules to load; the real modprobe must never run."""
+    return f"module {module} not found in the fake host"
 
 
 def add_e1000e(fs: FakeSysfs, address: PciAddress = NIC, group: int | None = 10) -> None:
@@ -391,7 +395,7 @@ def test_binding_makes_and_restoring_drops_a_noiommu_group(tmp_path: Path) -> No
     fs.add_driver("vfio-pci")
     add_e1000e(fs, group=None)
     add_e1000e(fs, PciAddress.parse("0000:00:11.0"), group=None)
-    binder = Binder(fs, StateFile(str(tmp_path / "state.json")))
+    binder = Binder(fs, StateFile(str(tmp_path / "state.json")), load_module=no_modules)
 
     binder.bind(NIC)
 
