@@ -24,6 +24,7 @@ from tests.vm.topology import GUEST_DIR, Boot, KernelKind, Topology
 
 PROJECT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vfiod"
+DISK_SIZE = 64 << 20
 BOOT_TIMEOUT = 900  # seconds for boot plus all guest tests of one boot, under TCG
 
 HOW_TO_GET_TEST_KERNEL = (
@@ -108,6 +109,9 @@ def run_vm(
     """Boot ``kernel`` on ``topology`` and run ``command`` (a shell line) as root
     in the guest; ``shared_dir`` is writable from inside."""
     vng = vng_path()
+    disk = shared_dir / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(DISK_SIZE)  # sparse and blank at every boot
     argv = [
         vng,
         "--run",
@@ -121,7 +125,7 @@ def run_vm(
         memory,
         "--rwdir",
         str(shared_dir),
-        "--qemu-opts=" + shlex.join(topology.qemu_opts()),
+        "--qemu-opts=" + shlex.join(topology.qemu_opts(str(disk))),
     ]
     if topology.kernel_args():
         argv += ["--append", " ".join(topology.kernel_args())]
@@ -156,6 +160,7 @@ def run_vm(
             proc.kill()
             proc.wait()
         proc.stdout.close()
+        disk.unlink(missing_ok=True)
     return VmRun(returncode, "".join(lines), time.monotonic() - started)
 
 

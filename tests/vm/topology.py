@@ -22,9 +22,13 @@ class Topology:
     iommu: bool
     qemu_devices: tuple[str, ...]
 
-    def qemu_opts(self) -> list[str]:
+    def qemu_opts(self, disk_image: str) -> list[str]:
+        """QEMU options; ``disk_image`` is a blank raw file that becomes the
+        guest's /dev/sda on the ICH9 SATA controller."""
         machine = "q35,kernel-irqchip=split" if self.iommu else "q35"
         opts = ["-machine", machine]
+        opts += ["-drive", f"file={disk_image},format=raw,if=none,id=disk0"]
+        opts += ["-device", "ide-hd,drive=disk0,bus=ide.0"]
         if self.iommu:
             opts += ["-device", "intel-iommu,intremap=on,caching-mode=on"]
         for device in self.qemu_devices:
@@ -42,6 +46,7 @@ BRIDGED_E1000 = ("0000:01:01.0", "0000:01:02.0")
 ICH9_LPC = "0000:00:1f.0"  # the ICH9 functions of q35 share one group with
 ICH9_SATA = "0000:00:1f.2"  # host drivers bound: a real non-viable group
 ICH9_SMBUS = "0000:00:1f.3"
+SATA_DISK = "/dev/sda"  # a blank disk on ICH9_SATA; the root file system is 9p
 E1000E_IDS = (0x8086, 0x10D3)
 IGB_PF = "0000:02:00.0"  # igb (SR-IOV capable, QEMU >= 8) behind a PCIe root port
 
