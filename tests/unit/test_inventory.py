@@ -58,7 +58,7 @@ def state(tmp_path: Path) -> StateFile:
 
 @pytest.fixture
 def binder(fs: FakeSysfs, state: StateFile) -> Binder:
-    return Binder(fs, state, load_module=no_modules)
+    return Binder(fs, state, load_module=no_modules, critical=dict)
 
 
 def no_modules(module: str) -> str:
@@ -395,7 +395,9 @@ def test_binding_makes_and_restoring_drops_a_noiommu_group(tmp_path: Path) -> No
     fs.add_driver("vfio-pci")
     add_e1000e(fs, group=None)
     add_e1000e(fs, PciAddress.parse("0000:00:11.0"), group=None)
-    binder = Binder(fs, StateFile(str(tmp_path / "state.json")), load_module=no_modules)
+    binder = Binder(
+        fs, StateFile(str(tmp_path / "state.json")), load_module=no_modules, critical=dict
+    )
 
     binder.bind(NIC)
 
@@ -706,3 +708,34 @@ def test_cli_inventory_without_pci_sysfs(
 ) -> None:
     assert main(["inventory", "--sysfs", str(tmp_path / "none")]) == 1
     assert "bus/pci/devices" in capsys.readouterr().err
+
+
+def test_host_critical_device_is_refused_before_anything_moves(
+    fs: FakeSysfs, state: StateFile
+) -> None:
+    add_ich9(fs)
+    critical = {SATA: ("backs / (ext4 on /dev/sda2)",)}
+    binder = Binder(fs, state, load_module=no_modules, critical=lambda: critical)
+    group = scan(fs).group_of(SMBUS)
+    with pytest.raises(HostError) as refused:
+        binder.bind_group(group)
+    assert refused.value.errno == errno.EPERM
+    assert str(refused.value) == (
+        "host-critical: 0000:00:1f.2 backs / (ext4 on /dev/sda2). vfiod does not take a "
+        "device the host needs away from its driver unless a policy rule names it by address"
+    )
+    # Nothing moved, not even the group's harmless members.
+    assert fs.driver(SMBUS) == "i801_smbus"
+    assert fs.driver(SATA) == "ahci"
+    assert state.load().bindings == {}
+    assert not any(path.endswith(("driver_override", "unbind")) for path, _ in fs.writes)
+
+    with pytest.raises(HostError, match=re.escape("host-critical: 0000:00:1f.2 backs /")):
+        binder.bind(SATA)
+
+    # Named by policy: allowed.
+    records = binder.bind_group(group, allow_critical={SATA})
+    assert sorted(r.address for r in records) == [str(SATA), str(SMBUS)]
+    assert scan(fs).group_of(SMBUS).viable
+    binder.restore_all([SATA, SMBUS])
+    assert (fs.driver(SATA), fs.driver(SMBUS)) == ("ahci", "i801_smbus")

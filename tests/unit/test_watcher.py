@@ -33,7 +33,7 @@ def test_bind_and_unbind_change_the_driver(
     host: tuple[FakeSysfs, StateFile, Host, list[HostEvent]],
 ) -> None:
     fs, state, live, heard = host
-    Binder(fs, state, load_module=no_modules).bind(NIC)
+    Binder(fs, state, load_module=no_modules, critical=dict).bind(NIC)
     event = live.apply(UEvent(Action.BIND, NIC, "vfio-pci"))
     assert event is not None
     assert event.change is HostChange.DRIVER_CHANGED
@@ -49,7 +49,7 @@ def test_removal_of_a_bound_device_drops_its_record_and_is_reported(
     host: tuple[FakeSysfs, StateFile, Host, list[HostEvent]],
 ) -> None:
     fs, state, live, heard = host
-    Binder(fs, state, load_module=no_modules).bind(NIC)
+    Binder(fs, state, load_module=no_modules, critical=dict).bind(NIC)
     fs.write(fs.device_path(NIC) + "/remove", "1")
     event = live.apply(UEvent(Action.REMOVE, NIC, None))
     assert event == HostEvent(HostChange.REMOVED, NIC, None, bound_by_vfiod=True)

@@ -21,14 +21,18 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 
+from vfiod.host.critical import find_critical
 from vfiod.host.inventory import IommuGroup, PciDevice, is_dma_safe
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.pci import PciAddress
 from vfiod.state import BindingRecord, BindPhase, StateFile
 
 VFIO_PCI = "vfio-pci"
+
+# Host-critical devices and why (see vfiod.host.critical).
+CriticalDevices = Mapping[PciAddress, tuple[str, ...]]
 
 
 class FaultPoint(enum.StrEnum):
@@ -101,24 +105,51 @@ class Binder:
         state: StateFile,
         *,
         load_module: ModuleLoader = modprobe,
+        critical: Callable[[], CriticalDevices] | None = None,
         fault: FaultPoint | None = None,
     ) -> None:
         self.sysfs = sysfs
         self.state = state
         self.load_module = load_module
+        self.critical = critical or (lambda: find_critical(sysfs))
         self.fault = fault
+
+    def _refuse_critical(
+        self, addresses: Iterable[PciAddress], allow_critical: Collection[PciAddress]
+    ) -> None:
+        """Refuse, before anything changes, to move a device the host needs."""
+        critical = self.critical()
+        refused = [
+            f"{address} {'; and '.join(critical[address])}"
+            for address in addresses
+            if address in critical and address not in allow_critical
+        ]
+        if refused:
+            raise HostError(
+                errno.EPERM,
+                f"host-critical: {'; '.join(refused)}. vfiod does not take a device the "
+                "host needs away from its driver unless a policy rule names it by address",
+            )
 
     def _maybe_die(self, point: FaultPoint) -> None:
         if self.fault is point:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def bind(self, address: PciAddress, driver: str = VFIO_PCI) -> BindingRecord | None:
+    def bind(
+        self,
+        address: PciAddress,
+        driver: str = VFIO_PCI,
+        *,
+        allow_critical: Collection[PciAddress] = (),
+    ) -> BindingRecord | None:
         """Bind one device to ``driver``. Returns the record of what it had,
-        or None when it was on ``driver`` already (nothing to undo)."""
+        or None when it was on ``driver`` already (nothing to undo).
+        Host-critical devices are refused unless in ``allow_critical``."""
         device = self.sysfs.require_device(address)
         original = self.sysfs.driver(address)
         if original == driver:
             return None
+        self._refuse_critical([address], allow_critical)
         ensure_driver(self.sysfs, driver, self.load_module)
         record = BindingRecord(
             address=str(address),
@@ -162,15 +193,23 @@ class Binder:
                 "kernel log)",
             )
 
-    def bind_group(self, group: IommuGroup, driver: str = VFIO_PCI) -> list[BindingRecord]:
-        """Bind every member that must move; on any failure undo all of them."""
+    def bind_group(
+        self,
+        group: IommuGroup,
+        driver: str = VFIO_PCI,
+        *,
+        allow_critical: Collection[PciAddress] = (),
+    ) -> list[BindingRecord]:
+        """Bind every member that must move; on any failure undo all of them.
+        A host-critical member refuses the whole group before anything moves."""
+        moving = [d.address for d in group.devices if needs_binding(d, driver)]
+        self._refuse_critical(moving, allow_critical)
         done: list[BindingRecord] = []
         try:
-            for device in group.devices:
-                if needs_binding(device, driver):
-                    record = self.bind(device.address, driver)
-                    if record is not None:
-                        done.append(record)
+            for address in moving:
+                record = self.bind(address, driver, allow_critical=allow_critical)
+                if record is not None:
+                    done.append(record)
         except BaseException:
             self.restore_all(PciAddress.parse(r.address) for r in reversed(done))
             raise
