@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from vfiod import __version__
+from vfiod.host.critical import find_critical
 from vfiod.host.hwdb import HardwareDatabase
 from vfiod.host.inventory import scan
 from vfiod.host.sysfs import HostError, Sysfs
@@ -20,16 +21,18 @@ EXIT_USAGE = 2
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
+    sysfs = Sysfs(args.sysfs)
     hwdb = HardwareDatabase()
     try:
-        inventory = scan(Sysfs(args.sysfs), hwdb)
+        inventory = scan(sysfs, hwdb)
     finally:
         hwdb.close()
+    critical = find_critical(sysfs, args.proc)
     if args.json:
-        json.dump(inventory_json(inventory), sys.stdout, indent=2)
+        json.dump(inventory_json(inventory, critical), sys.stdout, indent=2)
         print()
     else:
-        print(inventory_table(inventory))
+        print(inventory_table(inventory, critical))
     return EXIT_OK
 
 
@@ -42,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     )
     inv.add_argument("--json", action="store_true", help="machine-readable output")
     inv.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
+    inv.add_argument("--proc", default="/proc", help=argparse.SUPPRESS)
     inv.set_defaults(func=cmd_inventory)
     return p
 

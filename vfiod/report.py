@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 
+from vfiod.host.binding import CriticalDevices
 from vfiod.host.inventory import Inventory
 
 
-def inventory_json(inventory: Inventory) -> dict[str, object]:
+def inventory_json(inventory: Inventory, critical: CriticalDevices) -> dict[str, object]:
     """IOMMU groups and devices, for programs."""
     return {
         "groups": [
@@ -31,6 +32,7 @@ def inventory_json(inventory: Inventory) -> dict[str, object]:
                 "class_name": d.class_name,
                 "physfn": str(d.physfn) if d.physfn else None,
                 "virtfns": [str(v) for v in d.virtfns],
+                "host_critical": list(critical.get(d.address, ())),
             }
             for d in inventory.devices.values()
         ],
@@ -51,7 +53,7 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str] | str]) -> str:
     return "\n".join(indent + row if isinstance(row, str) else line(row) for row in [header, *rows])
 
 
-def inventory_table(inventory: Inventory) -> str:
+def inventory_table(inventory: Inventory, critical: CriticalDevices) -> str:
     """IOMMU groups with their devices, for people."""
     rows: list[Sequence[str] | str] = []
     for group in sorted(inventory.groups.values(), key=lambda g: (g.noiommu, int(g.id))):
@@ -68,5 +70,6 @@ def inventory_table(inventory: Inventory) -> str:
                     device.description or device.class_name,
                 )
             )
+            rows.extend(f"host-critical: {reason}" for reason in critical.get(device.address, ()))
         rows.extend(f"not viable: {blocker.reason}" for blocker in group.blockers())
     return table(("GROUP", "VIABLE", "DEVICE", "IDS", "DRIVER", "DESCRIPTION"), rows)

@@ -739,3 +739,27 @@ def test_host_critical_device_is_refused_before_anything_moves(
     assert scan(fs).group_of(SMBUS).viable
     binder.restore_all([SATA, SMBUS])
     assert (fs.driver(SATA), fs.driver(SMBUS)) == ("ahci", "i801_smbus")
+
+
+def test_cli_inventory_shows_host_critical_devices(
+    fs: FakeSysfs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    add_e1000e(fs)
+    # The NIC carries the default route: /proc/net/route and its class/net link.
+    proc = tmp_path / "proc"
+    (proc / "net").mkdir(parents=True)
+    (proc / "net/route").write_text(
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t0102A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+    )
+    os.makedirs(fs.device_path(NIC) + "/net/eth0")
+    os.makedirs(fs.path("class/net"))
+    os.symlink(os.path.realpath(fs.device_path(NIC) + "/net/eth0"), fs.path("class/net/eth0"))
+
+    assert main(["inventory", "--sysfs", fs.root, "--proc", str(proc)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].strip() == "host-critical: carries the default route (eth0)"
+
+    assert main(["inventory", "--json", "--sysfs", fs.root, "--proc", str(proc)]) == 0
+    [device] = json.loads(capsys.readouterr().out)["devices"]
+    assert device["host_critical"] == ["carries the default route (eth0)"]

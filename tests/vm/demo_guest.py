@@ -9,6 +9,7 @@ import tempfile
 
 from tests.vm.topology import E1000E
 from vfiod.host import binding
+from vfiod.host.critical import find_critical
 from vfiod.host.hwdb import HardwareDatabase
 from vfiod.host.inventory import scan
 from vfiod.host.sysfs import Sysfs
@@ -46,7 +47,7 @@ def show_inventory(sysfs: Sysfs) -> None:
         f"vfiod's view of this host (vfiod inventory): {len(inventory.devices)} PCI devices, "
         f"{len(inventory.groups)} IOMMU groups"
     )
-    print(inventory_table(inventory), flush=True)
+    print(inventory_table(inventory, find_critical(sysfs)), flush=True)
 
 
 def legacy_walkthrough(sysfs: Sysfs, kernel: LinuxKernel, address: PciAddress) -> None:

@@ -20,9 +20,11 @@ from tests.vm.topology import (
     ICH9_SATA,
     ICH9_SMBUS,
     IGB_PF,
+    SATA_DISK,
     KernelKind,
 )
 from vfiod.host.binding import Binder, FaultPoint
+from vfiod.host.critical import find_critical
 from vfiod.host.hwdb import HardwareDatabase
 from vfiod.host.inventory import scan
 from vfiod.host.sysfs import HostError, Sysfs
@@ -208,6 +210,46 @@ def test_crash_mid_bind_is_repaired_at_next_start(
     assert sysfs.driver(E1000E_ADDRESS) == "e1000e"
     assert sysfs.driver_override(E1000E_ADDRESS) is None
     assert not state.load().bindings
+
+
+def test_host_critical_devices_are_found_and_refused(
+    sysfs: Sysfs, binder: Binder, tmp_path: Path
+) -> None:
+    sata, nic = PciAddress.parse(ICH9_SATA), PciAddress.parse(BRIDGED_E1000[0])
+    (interface,) = os.listdir(sysfs.device_path(nic) + "/net")
+    mount_point = tmp_path / "data"
+    mount_point.mkdir()
+    subprocess.run(["mkfs.ext4", "-q", "-F", SATA_DISK], check=True)
+    subprocess.run(["mount", SATA_DISK, str(mount_point)], check=True)
+    subprocess.run(["ip", "link", "set", interface, "up"], check=True)
+    subprocess.run(["ip", "route", "add", "default", "dev", interface], check=True)
+    try:
+        critical = find_critical(sysfs)
+        assert critical[sata] == (f"backs {mount_point} (ext4 on {SATA_DISK})",)
+        assert critical[nic] == (f"carries the default route ({interface})",)
+        # The root file system of the VM is 9p over virtio-pci.
+        assert any(r.startswith("backs / (9p") for rs in critical.values() for r in rs)
+
+        for member in (ICH9_SMBUS, BRIDGE):
+            group = scan(sysfs).group_of(PciAddress.parse(member))
+            with pytest.raises(HostError) as refused:
+                binder.bind_group(group)
+            assert refused.value.errno == errno.EPERM
+            assert "host-critical: " in str(refused.value)
+            assert "unless a policy rule names it by address" in str(refused.value)
+        with pytest.raises(HostError, match=f"host-critical: {sata} backs {mount_point}"):
+            binder.bind(sata)
+        # Nothing moved.
+        assert sysfs.driver(PciAddress.parse(ICH9_SMBUS)) == "i801_smbus"
+        assert sysfs.driver(PciAddress.parse(BRIDGED_E1000[1])) == "e1000"
+        assert not binder.state.load().bindings
+    finally:
+        subprocess.run(["ip", "route", "del", "default", "dev", interface], check=False)
+        subprocess.run(["ip", "link", "set", interface, "down"], check=False)
+        subprocess.run(["umount", str(mount_point)], check=False)
+    after = find_critical(sysfs)
+    assert sata not in after
+    assert nic not in after
 
 
 def test_bad_input_changes_nothing(sysfs: Sysfs, binder: Binder) -> None:
