@@ -127,8 +127,7 @@ def run_vm(
         str(shared_dir),
         "--qemu-opts=" + shlex.join(topology.qemu_opts(str(disk))),
     ]
-    if topology.kernel_args():
-        argv += ["--append", " ".join(topology.kernel_args())]
+    argv += ["--append", " ".join(topology.kernel_args())]
     argv += ["--exec", command]
     env = dict(os.environ)
     env["PATH"] = f"{Path(vng).parent}:{env.get('PATH', '/usr/bin:/bin')}"

@@ -36,7 +36,9 @@ class Topology:
         return opts
 
     def kernel_args(self) -> list[str]:
-        return ["intel_iommu=on"] if self.iommu else []
+        # loglevel=4: errors and worse reach the console (and console.log),
+        # driver chatter does not interleave with the test output.
+        return ["loglevel=4", *(["intel_iommu=on"] if self.iommu else [])]
 
 
 # Addresses the guest tests rely on.
