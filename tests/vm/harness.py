@@ -86,6 +86,7 @@ def vng_path() -> str:
     return found
 
 
+GUEST_START = "--- vfiod: guest command starts ---"
 _KERNEL_LOG = re.compile(r"\[\s*\d+\.\d+\] ")
 
 
@@ -128,7 +129,7 @@ def run_vm(
         "--qemu-opts=" + shlex.join(topology.qemu_opts(str(disk))),
     ]
     argv += ["--append", " ".join(topology.kernel_args())]
-    argv += ["--exec", command]
+    argv += ["--exec", f"echo {GUEST_START}; {command}"]
     env = dict(os.environ)
     env["PATH"] = f"{Path(vng).parent}:{env.get('PATH', '/usr/bin:/bin')}"
     started = time.monotonic()
@@ -145,10 +146,14 @@ def run_vm(
     lines: list[str] = []
     assert proc.stdout is not None
     try:
+        started_guest = False
         for line in proc.stdout:
             lines.append(line)
-            if not _KERNEL_LOG.match(line):
+            # Progress is what the guest command prints; QEMU's and the boot's
+            # own lines stay in the log.
+            if started_guest and not _KERNEL_LOG.match(line):
                 progress(line.rstrip("\n"))
+            started_guest = started_guest or line.strip() == GUEST_START
             if time.monotonic() - started > timeout:
                 proc.kill()
                 lines.append(f"\n[harness] VM killed after {timeout:g} s\n")

@@ -41,6 +41,7 @@ _CLASS_NAMES = {
     0x0604: "PCI bridge",
     0x0680: "Bridge",
     0x0700: "Serial controller",
+    0x0780: "Communication controller",
     0x0880: "System peripheral",
     0x0C03: "USB controller",
     0x0C05: "SMBus",
