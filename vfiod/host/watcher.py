@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import pyudev
 
@@ -158,6 +158,14 @@ class Host:
         for listener in self.listeners:
             listener(host_event)
         return host_event
+
+    def refresh(self, addresses: Iterable[PciAddress]) -> None:
+        """Re-read devices vfiod just changed, without waiting for their
+        uevents (which come later and then change nothing)."""
+        devices = dict(self.inventory.devices)
+        for address in addresses:
+            devices[address] = read_device(self.sysfs, address, self.hwdb)
+        self.inventory = assemble(self.sysfs, devices)
 
     async def run(self, monitor: UEventMonitor) -> None:
         async for event in monitor.events():

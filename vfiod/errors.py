@@ -1,0 +1,79 @@
+"""Errors the broker answers with. Each carries its D-Bus error name; the bus
+layer turns them into replies. Any other exception reaching the bus layer is
+a bug: it is logged with its traceback and answered with a generic error."""
+
+from __future__ import annotations
+
+import errno as errno_
+from typing import ClassVar
+
+ERROR_PREFIX = "org.vfiod1.Error."
+
+
+class BrokerError(Exception):
+    """A refusal or failure that the caller should hear about, in words that
+    say what to do next."""
+
+    dbus_name: ClassVar[str] = ERROR_PREFIX + "Failed"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class PermissionDenied(BrokerError):
+    dbus_name = ERROR_PREFIX + "PermissionDenied"
+
+
+class NotFound(BrokerError):
+    dbus_name = ERROR_PREFIX + "NotFound"
+
+
+class NotViable(BrokerError):
+    dbus_name = ERROR_PREFIX + "NotViable"
+
+
+class Busy(BrokerError):
+    dbus_name = ERROR_PREFIX + "Busy"
+
+
+class Unsafe(BrokerError):
+    dbus_name = ERROR_PREFIX + "Unsafe"
+
+
+class HostCritical(BrokerError):
+    dbus_name = ERROR_PREFIX + "HostCritical"
+
+
+class InvalidArgument(BrokerError):
+    dbus_name = ERROR_PREFIX + "InvalidArgument"
+
+
+class NotSupported(BrokerError):
+    dbus_name = ERROR_PREFIX + "NotSupported"
+
+
+class KernelError(BrokerError):
+    """The kernel refused; the message starts with the errno name."""
+
+    dbus_name = ERROR_PREFIX + "Kernel"
+
+    def __init__(self, err: int, message: str) -> None:
+        self.errno = err
+        self.errno_name = errno_.errorcode.get(err, str(err))
+        super().__init__(
+            message if message.startswith(self.errno_name) else f"{self.errno_name}: {message}"
+        )
+
+
+ALL_ERRORS: tuple[type[BrokerError], ...] = (
+    PermissionDenied,
+    NotFound,
+    NotViable,
+    Busy,
+    Unsafe,
+    HostCritical,
+    InvalidArgument,
+    NotSupported,
+    KernelError,
+)
