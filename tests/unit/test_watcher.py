@@ -93,3 +93,15 @@ def test_wait_for_node_times_out_clearly(tmp_path: Path) -> None:
     os.makedirs(node.parent)
     node.touch()
     wait_for_node(str(node), timeout=0.1)
+
+
+def test_refresh_reads_what_vfiod_just_changed(
+    host: tuple[FakeSysfs, StateFile, Host, list[HostEvent]],
+) -> None:
+    fs, state, live, heard = host
+    Binder(fs, state, load_module=no_modules, critical=dict).bind(NIC)
+    assert live.inventory.devices[NIC].driver == "e1000e"  # no uevent processed yet
+    live.refresh([NIC])
+    assert live.inventory.devices[NIC].driver == "vfio-pci"
+    assert live.inventory.group_of(NIC).viable
+    assert heard == [], "a refresh is vfiod's own doing, not news"
