@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from vfiod.host.inventory import IommuGroup, PciDevice, viability_disagreement
+import logging
+
+import pytest
+
+from vfiod.host.inventory import (
+    IommuGroup,
+    PciDevice,
+    cross_check_viability,
+    viability_disagreement,
+)
 from vfiod.pci import PciAddress
 
 
@@ -40,3 +49,14 @@ def test_disagreement_names_both_verdicts_and_our_blockers() -> None:
         "IOMMU group 7: vfiod finds it viable, the kernel says not viable; "
         "the kernel's answer stands"
     )
+
+
+def test_cross_check_logs_a_disagreement(caplog: pytest.LogCaptureFixture) -> None:
+    blocked = IommuGroup("7", False, (_device("0000:00:10.0", "new_dma_safe_driver"),))
+    with caplog.at_level(logging.WARNING, logger="vfiod.host.inventory"):
+        assert cross_check_viability(blocked, kernel_viable=False)
+        assert caplog.records == []
+        assert not cross_check_viability(blocked, kernel_viable=True)
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith("IOMMU group 7: vfiod finds it not viable")

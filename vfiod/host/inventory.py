@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import logging
 import os
 
 from vfiod.host.hwdb import HardwareDatabase
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.pci import AddressError, PciAddress
+
+log = logging.getLogger(__name__)
 
 NOIOMMU_GROUP_NAME = "vfio-noiommu"
 
@@ -207,6 +210,14 @@ def assemble(sysfs: Sysfs, devices: dict[PciAddress, PciDevice]) -> Inventory:
             name = ""
         groups[group_id] = IommuGroup(group_id, name == NOIOMMU_GROUP_NAME, tuple(group_devices))
     return Inventory(devices, groups)
+
+
+def cross_check_viability(group: IommuGroup, kernel_viable: bool) -> bool:
+    """Log a disagreement with the kernel's VIABLE flag; True when they agree."""
+    problem = viability_disagreement(group, kernel_viable)
+    if problem is not None:
+        log.warning("%s", problem)
+    return problem is None
 
 
 def viability_disagreement(group: IommuGroup, kernel_viable: bool) -> str | None:
