@@ -1,0 +1,36 @@
+"""Fixtures for the bus tests: a private system bus per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.bus import (
+    ADDRESS_VARIABLE,
+    BusUnavailableError,
+    PrivateBus,
+    require_tools,
+    start_private_bus,
+)
+
+
+@pytest.fixture
+def private_bus(tmp_path: Path) -> Iterator[PrivateBus]:
+    """A private dbus-daemon with Debian's system bus policy and ours; its
+    files in tmp_path/bus. Stopped, with every fd closed, after the test."""
+    try:
+        require_tools()
+    except BusUnavailableError as e:
+        pytest.skip(str(e))
+    with start_private_bus(tmp_path / "bus") as bus:
+        yield bus
+
+
+@pytest.fixture
+def system_bus_address(private_bus: PrivateBus, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The private bus's address, also set as DBUS_SYSTEM_BUS_ADDRESS in this
+    process for the test, so sd_bus_open_system() connects to it."""
+    monkeypatch.setenv(ADDRESS_VARIABLE, private_bus.address)
+    return private_bus.address
