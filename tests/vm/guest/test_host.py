@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.vm.guest.conftest import Bound
 from tests.vm.topology import (
     BRIDGE,
     BRIDGED_E1000,
@@ -263,3 +266,33 @@ def test_bad_input_changes_nothing(sysfs: Sysfs, binder: Binder) -> None:
     assert sysfs.driver(E1000E_ADDRESS) == "e1000e"
     assert not binder.state.load().bindings
     assert not os.path.exists(binder.state.path)
+
+
+def test_udev_rule_keeps_vfio_nodes_root_only(
+    sysfs: Sysfs, bind_vfio: Bound, tmp_path: Path
+) -> None:
+    """An earlier rule opening the nodes up (as some distros and how-tos do)
+    loses to ours: group nodes stay 0600 root."""
+    rules = Path("/etc/udev/rules.d")  # an overlay in the VM: the host is untouched
+    loose = rules / "60-loose-vfio.rules"
+    ours = rules / "70-vfiod.rules"
+    loose.write_text('SUBSYSTEM=="vfio", MODE="0666"\n')
+    shutil.copy(Path(__file__).parents[3] / "systemd/70-vfiod.rules", ours)
+    try:
+        subprocess.run(["udevadm", "control", "--reload"], check=True)
+        bind_vfio(E1000E)
+        group = sysfs.iommu_group(E1000E_ADDRESS)
+        assert group is not None
+        node = f"/dev/vfio/{group}"
+        subprocess.run(["udevadm", "settle"], check=True)
+        info = os.stat(node)
+        assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o600, 0, 0)
+        # Without our rule the loose one would have won.
+        ours.unlink()
+        subprocess.run(["udevadm", "control", "--reload"], check=True)
+        subprocess.run(["udevadm", "trigger", "--settle", f"--name-match={node}"], check=True)
+        assert stat.S_IMODE(os.stat(node).st_mode) == 0o666
+    finally:
+        loose.unlink(missing_ok=True)
+        ours.unlink(missing_ok=True)
+        subprocess.run(["udevadm", "control", "--reload"], check=True)
