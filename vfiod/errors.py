@@ -53,6 +53,12 @@ class NotSupported(BrokerError):
     dbus_name = ERROR_PREFIX + "NotSupported"
 
 
+class PolicyInvalid(BrokerError):
+    """The policy files have errors; the previous policy stays in force."""
+
+    dbus_name = ERROR_PREFIX + "PolicyInvalid"
+
+
 class KernelError(BrokerError):
     """The kernel refused; the message starts with the errno name."""
 
@@ -75,5 +81,6 @@ ALL_ERRORS: tuple[type[BrokerError], ...] = (
     HostCritical,
     InvalidArgument,
     NotSupported,
+    PolicyInvalid,
     KernelError,
 )

@@ -43,8 +43,33 @@ class BindingRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class LeaseRecord:
+    """A lease vfiod granted: enough to find its owner, its groups and what to
+    give back after a restart."""
+
+    id: str
+    uid: int
+    pid: int | None  # of the caller, when it asked
+    unit: str | None
+    owner: str  # the bus name that asked
+    owner_pid: int | None  # the process the lease follows (owner-pidfd), if any
+    label: str
+    backend: str
+    unsafe: bool
+    groups: tuple[str, ...]  # IOMMU group ids
+    devices: tuple[str, ...]  # the addresses asked for
+    rules: tuple[str, ...]  # the policy rules that allowed it
+    created: float  # seconds since the epoch
+    restore: bool  # give devices vfiod moved back to their drivers when free
+    max_locked_memory: int | None = None
+    moved: tuple[str, ...] = ()  # devices vfiod moved to vfio-pci for this lease
+    fds: tuple[str, ...] = ()  # names of the fds vfiod holds for it (the fd store's FDNAMEs)
+
+
+@dataclasses.dataclass(frozen=True)
 class State:
     bindings: Mapping[str, BindingRecord] = dataclasses.field(default_factory=dict)
+    leases: Mapping[str, LeaseRecord] = dataclasses.field(default_factory=dict)
 
     def with_binding(self, record: BindingRecord) -> State:
         return dataclasses.replace(self, bindings={**self.bindings, record.address: record})
@@ -52,6 +77,13 @@ class State:
     def without_binding(self, address: str) -> State:
         rest = {a: r for a, r in self.bindings.items() if a != address}
         return dataclasses.replace(self, bindings=rest)
+
+    def with_lease(self, record: LeaseRecord) -> State:
+        return dataclasses.replace(self, leases={**self.leases, record.id: record})
+
+    def without_lease(self, lease_id: str) -> State:
+        rest = {i: r for i, r in self.leases.items() if i != lease_id}
+        return dataclasses.replace(self, leases=rest)
 
 
 def _decode(path: str, raw: Any) -> State:
@@ -77,7 +109,39 @@ def _decode(path: str, raw: Any) -> State:
         except (KeyError, TypeError, ValueError) as e:
             raise bad(f"binding {address!r} is malformed ({e})") from e
         bindings[address] = record
-    return State(bindings)
+    leases: dict[str, LeaseRecord] = {}
+    for lease_id, entry in raw.get("leases", {}).items():
+        try:
+            leases[lease_id] = _lease_record(lease_id, entry)
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"lease {lease_id!r} is malformed ({e})") from e
+    return State(bindings, leases)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _lease_record(lease_id: str, entry: Any) -> LeaseRecord:
+    return LeaseRecord(
+        id=lease_id,
+        uid=int(entry["uid"]),
+        pid=_optional_int(entry["pid"]),
+        unit=None if entry["unit"] is None else str(entry["unit"]),
+        owner=str(entry["owner"]),
+        owner_pid=_optional_int(entry["owner_pid"]),
+        label=str(entry["label"]),
+        backend=str(entry["backend"]),
+        unsafe=bool(entry["unsafe"]),
+        groups=tuple(str(g) for g in entry["groups"]),
+        devices=tuple(str(d) for d in entry["devices"]),
+        rules=tuple(str(r) for r in entry["rules"]),
+        created=float(entry["created"]),
+        restore=bool(entry["restore"]),
+        max_locked_memory=_optional_int(entry.get("max_locked_memory")),
+        moved=tuple(str(d) for d in entry.get("moved", ())),
+        fds=tuple(str(f) for f in entry.get("fds", ())),
+    )
 
 
 def _encode(state: State) -> dict[str, Any]:
@@ -87,14 +151,28 @@ def _encode(state: State) -> dict[str, Any]:
             address: {k: v for k, v in dataclasses.asdict(r).items() if k != "address"}
             for address, r in sorted(state.bindings.items())
         },
+        "leases": {
+            lease_id: {k: v for k, v in dataclasses.asdict(r).items() if k != "id"}
+            for lease_id, r in sorted(state.leases.items())
+        },
     }
 
 
 class StateFile:
+    """The state file of this process. Only one vfiod runs at a time, so what
+    this process last read or wrote is what is on disk: it is kept in memory
+    and the file is read once."""
+
     def __init__(self, path: str = STATE_PATH) -> None:
         self.path = path
+        self._cached: State | None = None
 
     def load(self) -> State:
+        if self._cached is None:
+            self._cached = self._read()
+        return self._cached
+
+    def _read(self) -> State:
         try:
             with open(self.path) as f:
                 raw = json.load(f)
@@ -125,6 +203,7 @@ class StateFile:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        self._cached = state
 
     def update(self, change: Callable[[State], State]) -> State:
         """Load, apply ``change``, save; return the new state."""

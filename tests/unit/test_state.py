@@ -31,7 +31,7 @@ def test_round_trip_and_update(tmp_path: Path) -> None:
     store.update(lambda s: s.without_binding(RECORD.address))
     assert store.load() == State()
     on_disk = json.loads((tmp_path / "run/vfiod/state.json").read_text())
-    assert on_disk == {"version": 1, "bindings": {}}
+    assert on_disk == {"version": 1, "bindings": {}, "leases": {}}
 
 
 def test_save_replaces_atomically_and_leaves_no_temporary(tmp_path: Path) -> None:

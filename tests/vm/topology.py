@@ -96,6 +96,6 @@ GUEST_DIR = "tests/vm/guest"
 
 BOOTS = (
     Boot(KernelKind.STOCK, IOMMU, ("test_legacy.py", "test_host.py")),
-    Boot(KernelKind.TEST, IOMMU, ("test_legacy.py", "test_iommufd.py")),
+    Boot(KernelKind.TEST, IOMMU, ("test_legacy.py", "test_iommufd.py", "test_vmm.py")),
     Boot(KernelKind.TEST, NOIOMMU, ("test_noiommu.py",)),
 )

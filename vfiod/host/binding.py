@@ -114,7 +114,7 @@ class Binder:
         self.critical = critical or (lambda: find_critical(sysfs))
         self.fault = fault
 
-    def _refuse_critical(
+    def refuse_critical(
         self, addresses: Iterable[PciAddress], allow_critical: Collection[PciAddress]
     ) -> None:
         """Refuse, before anything changes, to move a device the host needs."""
@@ -149,7 +149,7 @@ class Binder:
         original = self.sysfs.driver(address)
         if original == driver:
             return None
-        self._refuse_critical([address], allow_critical)
+        self.refuse_critical([address], allow_critical)
         ensure_driver(self.sysfs, driver, self.load_module)
         record = BindingRecord(
             address=str(address),
@@ -203,7 +203,7 @@ class Binder:
         """Bind every member that must move; on any failure undo all of them.
         A host-critical member refuses the whole group before anything moves."""
         moving = [d.address for d in group.devices if needs_binding(d, driver)]
-        self._refuse_critical(moving, allow_critical)
+        self.refuse_critical(moving, allow_critical)
         done: list[BindingRecord] = []
         try:
             for address in moving:
@@ -231,11 +231,12 @@ class Binder:
             failed = dataclasses.replace(record, phase=BindPhase.RESTORE_FAILED)
             self.state.update(lambda s: s.with_binding(failed))
             raise
-        self._forget(str(address))
+        self.forget(str(address))
         return record.original_driver
 
-    def _forget(self, address: str) -> None:
-        self.state.update(lambda s: s.without_binding(address))
+    def forget(self, address: str | PciAddress) -> None:
+        """Drop the record of a device: vfiod will not give it back."""
+        self.state.update(lambda s: s.without_binding(str(address)))
 
     def _restore(self, address: PciAddress, record: BindingRecord) -> None:
         device = self.sysfs.require_device(address)
@@ -288,7 +289,7 @@ class Binder:
                 continue
             pci = PciAddress.parse(address)
             if not os.path.isdir(self.sysfs.device_path(pci)):
-                self._forget(address)
+                self.forget(address)
                 results.append(RepairResult(address, None, "the device is gone"))
                 continue
             try:

@@ -28,11 +28,14 @@ no-IOMMU devices, interrupts, hot reset, dirty tracking, migration.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import errno
 import functools
 import os
 import stat
+import struct
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, ClassVar, Concatenate, ParamSpec, TypeVar
@@ -256,6 +259,48 @@ class _Ictx:
         return self.next_id - 1
 
 
+class _InodeEvictions:
+    """Which memfds have no reference left in any process: inotify reports
+    IN_IGNORED once the inode is evicted, after its last file reference —
+    in this process, another one, or a message in flight — is gone."""
+
+    _IN_CLOSE = 0x18  # IN_CLOSE_WRITE | IN_CLOSE_NOWRITE; eviction comes as IN_IGNORED
+    _IN_IGNORED = 0x8000
+    _EVENT = struct.Struct("iIII")
+
+    def __init__(self) -> None:
+        libc = ctypes.util.find_library("c")
+        self._libc = ctypes.CDLL(libc, use_errno=True)
+        fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.fd: int = fd
+        self._watched: dict[int, _File] = {}
+
+    def watch(self, fd: int, file: _File) -> None:
+        wd = self._libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fd}".encode(), self._IN_CLOSE)
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_add_watch: {os.strerror(err)}")
+        self._watched[wd] = file
+
+    def evicted(self) -> list[_File]:
+        gone: list[_File] = []
+        while True:
+            try:
+                data = os.read(self.fd, 64 * self._EVENT.size)
+            except BlockingIOError:
+                return gone
+            offset = 0
+            while offset < len(data):
+                wd, mask, _cookie, length = self._EVENT.unpack_from(data, offset)
+                offset += self._EVENT.size + length
+                file = self._watched.pop(wd, None) if mask & self._IN_IGNORED else None
+                if file is not None:
+                    gone.append(file)
+
+
 # Open files, one per memfd inode.
 
 
@@ -360,12 +405,16 @@ class FakeKernel:
         iova_pgsizes: int = DEFAULT_IOVA_PGSIZES,
         memlock_limit: int | None = None,
         dma_entry_limit: int = DEFAULT_DMA_ENTRY_LIMIT,
+        cross_process: bool = False,
     ) -> None:
         """``iommufd``: /dev/iommu exists; ``cdev``: devices get /dev/vfio/devices
         nodes; ``type1``: vfio_iommu_type1 is loaded; ``noiommu_mode``:
         enable_unsafe_noiommu_mode (a no-IOMMU group turns it on);
         ``memlock_limit``: RLIMIT_MEMLOCK in bytes for pinned DMA memory, None
-        for CAP_IPC_LOCK (no limit)."""
+        for CAP_IPC_LOCK (no limit); ``cross_process``: fds this process hands
+        to others (over D-Bus) keep their files open until closed there too,
+        as Linux does — the model then learns of the last close from inotify
+        (the memfd's inode is evicted), which also covers fds in flight."""
         if iova_pgsizes <= 0 or iova_pgsizes & (PAGE_SIZE - 1):
             raise ValueError("iova_pgsizes needs page sizes of at least 4 KiB")
         self.has_iommufd = iommufd
@@ -392,6 +441,7 @@ class FakeKernel:
         self._next_address = _MMAP_BASE
         self._pinned = 0
         self._faults: dict[str, list[int]] = {}
+        self._evictions = _InodeEvictions() if cross_process else None
 
     # Building the host.
 
@@ -520,6 +570,8 @@ class FakeKernel:
         file.fds.add(fd)
         self._files[fd] = file
         self._by_ident[ident] = file
+        if self._evictions is not None:
+            self._evictions.watch(fd, file)
         return fd
 
     def _sweep(self) -> None:
@@ -534,6 +586,16 @@ class FakeKernel:
                     orphans.append(file)
         for file in orphans:
             self._drop_if_unreferenced(file)
+        self._release_evicted()
+
+    def _release_evicted(self) -> None:
+        """Release files whose every fd, in any process, is closed."""
+        if self._evictions is None:
+            return
+        for file in self._evictions.evicted():
+            if self._by_ident.get(file.ident) is file and not file.fds:
+                del self._by_ident[file.ident]
+                self._release(file)
 
     def _drop_if_unreferenced(self, file: _File) -> None:
         # A dup or a received copy may still hold the file open, as in Linux.
@@ -546,6 +608,9 @@ class FakeKernel:
                 file.fds.add(int(name))
                 self._files[int(name)] = file
         if not file.fds:
+            if self._evictions is not None:
+                self._release_evicted()  # or later, once other processes close theirs
+                return
             del self._by_ident[file.ident]
             self._release(file)
 

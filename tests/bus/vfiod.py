@@ -1,0 +1,296 @@
+"""vfiod itself on a private system bus, on a fake host, for the bus tests and
+the benchmarks.
+
+The daemon runs as root in a process of its own (``python -m tests.fakehost``),
+exactly as `vfiod` runs it, except that the host is the fake one: the test
+reads the fake sysfs tree to see drivers change. Readiness comes the systemd
+way, as READY=1 on a notify socket the test holds.
+
+Clients run as nobody in processes of their own: ``Clients.run`` for a
+snippet that runs to its end, ``Clients.spawn`` for one the test talks to
+line by line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from tests.bus import (
+    NOBODY,
+    PROJECT,
+    PrivateBus,
+    _check_runnable,
+    _child_env,
+    _setpriv_argv,
+)
+from vfiod.host.sysfs import Sysfs
+from vfiod.pci import PciAddress
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+# Prepended to client snippets: the project's own client, as nobody.
+CLIENT = """\
+import json, os, sys, time
+from vfiod.client import Client, VfiodError
+
+vfiod = Client()
+
+def failure(function, *args, **kwargs):
+    try:
+        function(*args, **kwargs)
+    except VfiodError as e:
+        return [e.kind, e.message]
+    return None
+
+def say(value):
+    print(json.dumps(value), flush=True)
+"""
+
+
+class VfiodProcess:
+    """A running vfiod: ``argv`` runs it; ``sysfs`` and ``state_path`` are
+    where the test looks at the host it changes."""
+
+    def __init__(
+        self,
+        bus: PrivateBus,
+        directory: Path,
+        argv: list[str],
+        *,
+        sysfs: str,
+        state_path: Path,
+        policy_root: Path,
+    ) -> None:
+        self.bus = bus
+        self.directory = directory
+        self.argv = argv
+        self.sysfs = Sysfs(sysfs)
+        self.state_path = state_path
+        self.policy_root = policy_root
+        self.log_path = directory / "vfiod.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.notify: socket.socket | None = None
+        self.notices: list[str] = []  # what vfiod told its "service manager"
+
+    @property
+    def policy_file(self) -> Path:
+        return self.policy_root / "etc/vfiod/policy.d/50-test.toml"
+
+    def driver(self, address: str) -> str | None:
+        return self.sysfs.driver(PciAddress.parse(address))
+
+    def state(self) -> dict[str, Any]:
+        path = self.state_path
+        return dict(json.loads(path.read_text())) if path.exists() else {}
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def fds(self) -> list[str]:
+        """The daemon's open fds and what they are."""
+        names = []
+        for fd in sorted(os.listdir(f"/proc/{self.pid}/fd"), key=int):
+            with contextlib.suppress(FileNotFoundError):
+                names.append(os.readlink(f"/proc/{self.pid}/fd/{fd}"))
+        return names
+
+    def start(self) -> None:
+        notify_path = self.directory / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.notify.bind(str(notify_path))
+        env = _child_env(self.bus.address, {"NOTIFY_SOCKET": str(notify_path)})
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                env=env,
+                cwd=PROJECT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while "READY=1" not in self.notices:
+            left = deadline - time.monotonic()
+            if self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"vfiod exited at start:\n{self.log()}")
+            if left <= 0:
+                self.stop()
+                raise RuntimeError(f"vfiod was not ready in {START_TIMEOUT} s:\n{self.log()}")
+            self.read_notices(min(left, 0.2))
+
+    def read_notices(self, timeout: float = 0.0) -> list[str]:
+        """What vfiod sent to NOTIFY_SOCKET so far."""
+        assert self.notify is not None
+        while select.select([self.notify], [], [], timeout)[0]:
+            self.notices += self.notify.recv(4096).decode().splitlines()
+            timeout = 0.0
+        return self.notices
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        process, self.process = self.process, None
+        try:
+            if process is None:
+                return 0
+            process.send_signal(signal.SIGTERM)
+            try:
+                return process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                raise AssertionError(f"vfiod did not stop on SIGTERM:\n{self.log()}") from None
+        finally:
+            if self.notify is not None:
+                self.read_notices()
+                self.notify.close()
+                self.notify = None
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} did not happen in {timeout} s:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _running(daemon: VfiodProcess) -> Iterator[VfiodProcess]:
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        returncode = daemon.stop()
+    assert returncode == 0, f"vfiod exited with {returncode}:\n{daemon.log()}"
+    assert "Traceback" not in daemon.log(), daemon.log()
+    assert "STOPPING=1" in daemon.notices
+
+
+def run_vfiod(
+    bus: PrivateBus, directory: Path, policy: str, topology: str = "small"
+) -> contextlib.AbstractContextManager[VfiodProcess]:
+    """vfiod on a fake host (python -m tests.fakehost) built in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "policy.toml").write_text(policy)
+    argv = [sys.executable, "-s", "-m", "tests.fakehost", str(directory), topology]
+    host = directory / "host"
+    daemon = VfiodProcess(
+        bus,
+        directory,
+        argv,
+        sysfs=str(host / "sys"),
+        state_path=host / "run/state.json",
+        policy_root=host / "root",
+    )
+    return _running(daemon)
+
+
+def run_real_vfiod(
+    bus: PrivateBus, directory: Path, policy: str, settings: str = ""
+) -> contextlib.AbstractContextManager[VfiodProcess]:
+    """vfiod itself (python -m vfiod) on this host, with its policy and state
+    in ``directory``: for the VM tests, on a real kernel."""
+    root = directory / "root"
+    (root / "etc/vfiod/policy.d").mkdir(parents=True, exist_ok=True)
+    (root / "etc/vfiod/policy.d/50-test.toml").write_text(policy)
+    (root / "etc/vfiod/vfiod.toml").write_text(settings)
+    state = directory / "run/state.json"
+    argv = [sys.executable, "-s", "-m", "vfiod", "daemon"]
+    argv += ["--root", str(root), "--state", str(state)]
+    daemon = VfiodProcess(bus, directory, argv, sysfs="/sys", state_path=state, policy_root=root)
+    return _running(daemon)
+
+
+class Spawned:
+    """A client snippet running as another uid; the test reads its JSON lines
+    and writes lines to it."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+
+    @property
+    def stdin(self) -> IO[str]:
+        assert self.process.stdin is not None
+        return self.process.stdin
+
+    def read(self, timeout: float = 20.0) -> Any:
+        assert self.process.stdout is not None
+        ready = select.select([self.process.stdout], [], [], timeout)[0]
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            self.process.kill()
+            _, err = self.process.communicate()
+            self._close()
+            raise AssertionError(
+                f"the client said nothing (exit {self.process.returncode}):\n{err}"
+            )
+        return json.loads(line)
+
+    def send(self, line: str = "") -> None:
+        self.stdin.write(line + "\n")
+        self.stdin.flush()
+
+    def finish(self, timeout: float = 20.0) -> str:
+        """Close its stdin, wait for it; its stderr. Fails on a non-zero exit."""
+        try:
+            _, err = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        self._close()
+        assert self.process.returncode == 0, f"client exited {self.process.returncode}:\n{err}"
+        return err
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.communicate()
+        self._close()
+
+    def _close(self) -> None:
+        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+class Clients:
+    """Client processes as ``uid`` on ``bus``."""
+
+    def __init__(self, bus: PrivateBus, uid: int = NOBODY) -> None:
+        self.bus = bus
+        self.uid = uid
+
+    def run(self, code: str, *args: str, timeout: float = 30.0) -> Any:
+        """Run CLIENT + ``code`` to its end; the JSON it printed last."""
+        result = self.bus.run_as(CLIENT + code, args=args, uid=self.uid, timeout=timeout).check()
+        return json.loads(result.stdout.splitlines()[-1])
+
+    def spawn(self, code: str, *args: str) -> Spawned:
+        _check_runnable(sys.executable, self.uid, self.uid)
+        process = subprocess.Popen(
+            _setpriv_argv(self.uid, self.uid, sys.executable, ["-c", CLIENT + code, *args]),
+            env=_child_env(self.bus.child_address, {}),
+            cwd="/",
+            pass_fds=self.bus.child_fds,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        return Spawned(process)

@@ -1,0 +1,1022 @@
+"""Leases: who holds which IOMMU groups, through which fds, and until when.
+
+The broker is a plain object: the D-Bus layer is a thin adapter over it, and
+every decision is made here, with the policy. A lease covers whole IOMMU
+groups. Its life: granted -> active -> ended (release, owner gone, device
+removed, policy revoked, daemon stopping) -> draining (the client still holds
+device fds, so the group stays busy) -> free (drivers vfiod changed are
+restored). Every step is logged; grants, denials, releases and revocations
+are audit entries with a MESSAGE_ID.
+
+Every method runs to completion without yielding, so two callers racing for
+one group are served one after the other: the first wins, the second hears
+who holds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import errno
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
+
+from vfiod.errors import (
+    BrokerError,
+    Busy,
+    HostCritical,
+    InvalidArgument,
+    KernelError,
+    NotFound,
+    NotSupported,
+    NotViable,
+    PermissionDenied,
+    Unsafe,
+)
+from vfiod.host import noiommu
+from vfiod.host.binding import Binder, CriticalDevices, needs_binding
+from vfiod.host.inventory import IommuGroup, PciDevice, cross_check_viability
+from vfiod.host.process import exited, owner_process, raise_memlock
+from vfiod.host.sysfs import HostError
+from vfiod.host.watcher import Host, HostChange, HostEvent
+from vfiod.pci import AddressError, PciAddress
+from vfiod.policy.decide import decide
+from vfiod.policy.load import PolicyHolder
+from vfiod.policy.model import Caller, Decision, Grants, Policy, Refusal, Request
+from vfiod.state import LeaseRecord
+from vfiod.vfio import (
+    CdevDevice,
+    Container,
+    DmaMapping,
+    Group,
+    IommuFd,
+    Kernel,
+    NotSupportedError,
+    VfioError,
+    cdev_path,
+)
+from vfiod.vfio.kernel import IovaRange
+
+log = logging.getLogger(__name__)
+
+# Journal MESSAGE_IDs of the audit trail (stable; admins filter on them).
+MESSAGE_GRANTED = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e01"
+MESSAGE_DENIED = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e02"
+MESSAGE_RELEASED = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e03"
+MESSAGE_REVOKED = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e04"
+MESSAGE_UNSAFE = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e05"
+MESSAGE_FREED = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e06"
+
+# How long a host-critical scan (mounts, swap, routes, consoles) stays fresh.
+CRITICAL_TTL = 2.0
+PAGE = 4096
+HUGE_PAGE = 2 << 20
+
+
+class Backend(enum.StrEnum):
+    LEGACY = "legacy"
+    IOMMUFD = "iommufd"
+
+
+class LeaseState(enum.StrEnum):
+    ACTIVE = "active"
+    DRAINING = "draining"
+    FREE = "free"
+
+
+class LeaseChange(enum.StrEnum):
+    """What lease listeners hear."""
+
+    GRANTED = "granted"
+    ENDED = "ended"  # active -> draining; lease.end_reason says why
+    FREED = "freed"
+
+
+@dataclasses.dataclass(frozen=True)
+class AcquireOptions:
+    backend: Backend | None = None  # None: the daemon's default-backend
+    open_devices: bool = True
+    managed: bool = False
+    unsafe_noiommu: bool = False
+    owner_pidfd: int | None = None  # borrowed: the broker dups what it keeps
+    label: str = ""
+
+
+class ProcessWatcher(Protocol):
+    """Calls ``on_exit`` once the process behind ``pidfd`` exits; the returned
+    function stops watching."""
+
+    def watch(self, pidfd: int, on_exit: Callable[[], None]) -> Callable[[], None]: ...
+
+
+@dataclasses.dataclass(eq=False)
+class Lease:
+    id: str
+    caller: Caller
+    pid: int | None  # the caller's, when it asked (audit)
+    owner: str  # the bus name that asked
+    label: str
+    backend: Backend
+    unsafe: bool
+    groups: tuple[IommuGroup, ...]
+    devices: tuple[PciAddress, ...]  # the ones asked for
+    request: Request  # what was asked, to decide again after a policy reload
+    rules: tuple[str, ...]  # the policy rules that allowed it
+    created: float
+    restore: bool = True  # give devices back to their drivers when free
+    max_locked_memory: int | None = None  # bytes MapDma may pin; None: no limit
+    moved: tuple[PciAddress, ...] = ()  # devices vfiod moved to vfio-pci for it
+    state: LeaseState = LeaseState.ACTIVE
+    end_reason: str = ""
+    revoked: bool = False  # ended by someone other than its owner
+    owner_pid: int | None = None
+    owner_pidfd: int | None = None  # the lease ends when this process exits
+    # What vfiod holds open for the lease; closing them starts the drain.
+    handles: list[Group | Container | IommuFd] = dataclasses.field(default_factory=list)
+    mappings: dict[int, DmaMapping] = dataclasses.field(default_factory=dict)  # by IOVA
+    unwatch: Callable[[], None] | None = None
+
+    @property
+    def group_ids(self) -> tuple[str, ...]:
+        return tuple(g.id for g in self.groups)
+
+    @property
+    def group_nodes(self) -> tuple[str, ...]:
+        return tuple(g.node_name for g in self.groups)
+
+    @property
+    def container(self) -> Container | None:
+        return next((h for h in self.handles if isinstance(h, Container)), None)
+
+    @property
+    def pinned(self) -> int:
+        return sum(m.size for m in self.mappings.values())
+
+    def record(self) -> LeaseRecord:
+        return LeaseRecord(
+            id=self.id,
+            uid=self.caller.uid,
+            pid=self.pid,
+            unit=self.caller.unit,
+            owner=self.owner,
+            owner_pid=self.owner_pid,
+            label=self.label,
+            backend=self.backend.value,
+            unsafe=self.unsafe,
+            groups=self.group_ids,
+            devices=tuple(str(d) for d in self.devices),
+            rules=self.rules,
+            created=self.created,
+            restore=self.restore,
+            max_locked_memory=self.max_locked_memory,
+            moved=tuple(str(d) for d in self.moved),
+        )
+
+    def audit_fields(self) -> dict[str, object]:
+        return {
+            "LEASE": self.id,
+            "CALLER_UID": self.caller.uid,
+            "CALLER_PID": self.pid if self.pid is not None else "",
+            "CALLER_UNIT": self.caller.unit or "",
+            "LABEL": self.label,
+            "DEVICES": " ".join(str(d) for d in self.devices),
+            "GROUPS": " ".join(self.group_ids),
+        }
+
+
+@dataclasses.dataclass
+class Grant:
+    lease: Lease
+    fds: dict[str, int]  # name -> fd; the caller of acquire() owns and closes them
+
+
+def _audit(
+    message_id: str, text: str, fields: Mapping[str, object], level: int = logging.INFO
+) -> None:
+    log.log(level, "%s", text, extra={"MESSAGE_ID": message_id, **fields})
+
+
+def _caller_fields(caller: Caller, pid: int | None) -> dict[str, object]:
+    return {
+        "CALLER_UID": caller.uid,
+        "CALLER_PID": pid if pid is not None else "",
+        "CALLER_UNIT": caller.unit or "",
+    }
+
+
+def refusal_error(decision: Decision) -> BrokerError:
+    """The error a refused decision is answered with."""
+    text = " ".join(decision.reasons) or "denied by policy"
+    if decision.refusal is Refusal.HOST_CRITICAL:
+        return HostCritical(text)
+    if decision.refusal is Refusal.UNSAFE_NOIOMMU:
+        return Unsafe(text)
+    return PermissionDenied(text)
+
+
+def first_fit(
+    ranges: Iterable[IovaRange], taken: Iterable[tuple[int, int]], size: int, align: int
+) -> int | None:
+    """The lowest ``align``-aligned IOVA where ``size`` bytes fit inside one of
+    ``ranges`` without touching a ``taken`` (start, size) interval."""
+    busy = sorted(taken)
+    for valid in sorted(ranges, key=lambda r: r.start):
+        candidate = -(-valid.start // align) * align
+        for start, length in busy:
+            if candidate + size <= start:
+                break
+            if start + length > candidate:
+                candidate = -(-(start + length) // align) * align
+        if valid.contains(candidate, size):
+            return candidate
+    return None
+
+
+class Broker:
+    def __init__(
+        self,
+        host: Host,
+        binder: Binder,
+        kernel: Kernel,
+        policy: PolicyHolder,
+        watcher: ProcessWatcher,
+        *,
+        dev_vfio: str = "/dev/vfio",
+        proc: str = "/proc",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host = host
+        self.binder = binder
+        self.kernel = kernel
+        self.policy = policy
+        self.watcher = watcher
+        self.dev_vfio = dev_vfio
+        self.proc = proc
+        self.clock = clock
+        self.leases: dict[str, Lease] = {}
+        self.listeners: list[Callable[[Lease, LeaseChange], None]] = []
+        self._critical: tuple[float, CriticalDevices] | None = None
+        host.listeners.append(self._on_host_event)
+
+    # -- queries
+
+    def lease_of_group(self, group_id: str) -> Lease | None:
+        for lease in self.leases.values():
+            if group_id in lease.group_ids:
+                return lease
+        return None
+
+    def lease_of_device(self, address: PciAddress) -> Lease | None:
+        for lease in self.leases.values():
+            if address in lease.devices or any(
+                address in (d.address for d in g.devices) for g in lease.groups
+            ):
+                return lease
+        return None
+
+    def critical(self) -> CriticalDevices:
+        """Host-critical devices and why; rescanned at most every CRITICAL_TTL s."""
+        now = time.monotonic()
+        if self._critical is None or now - self._critical[0] > CRITICAL_TTL:
+            self._critical = (now, self.binder.critical())
+        return self._critical[1]
+
+    def original_driver(self, address: PciAddress) -> str | None:
+        record = self.binder.state.load().bindings.get(str(address))
+        return record.original_driver if record is not None else None
+
+    def check_access(
+        self, caller: Caller, addresses: Sequence[str], options: AcquireOptions
+    ) -> list[tuple[str, bool, str]]:
+        """Per device: would Acquire allow it, and why (not)."""
+        policy = self.policy.current
+        request = self._request(policy, options)
+        results = []
+        for text in addresses:
+            try:
+                device, group = self._resolve(text)
+                decision = self._decide(policy, caller, device, group, request)
+            except BrokerError as e:
+                results.append((text, False, e.message))
+                continue
+            if decision.allowed:
+                reason = " ".join(decision.reasons) or "allowed"
+                holder = self._holder(device, group)
+                if holder is not None:
+                    reason += f" (but now {self._busy_text(holder, group, device)})"
+            else:
+                reason = " ".join(decision.reasons) or "denied by policy"
+            results.append((text, decision.allowed, reason))
+        return results
+
+    # -- acquire
+
+    def acquire(
+        self,
+        caller: Caller,
+        pid: int | None,
+        owner: str,
+        addresses: Sequence[str],
+        options: AcquireOptions,
+    ) -> Grant:
+        if not addresses:
+            raise InvalidArgument("name at least one device (a PCI address like 0000:00:10.0)")
+        policy = self.policy.current
+        request = self._request(policy, options)
+        backend = Backend(request.backend or Backend.LEGACY)  # _request always sets it
+        owner_pid = self._check_owner(caller, options.owner_pidfd)
+
+        resolved: dict[PciAddress, tuple[PciDevice, IommuGroup | None]] = {}
+        for text in addresses:
+            device, group = self._resolve(text)
+            resolved.setdefault(device.address, (device, group))
+        for device, group in resolved.values():
+            holder = self._holder(device, group)
+            if holder is not None:
+                raise Busy(self._busy_text(holder, group, device) + "; wait for it to end")
+
+        decisions = {
+            address: self._decide(policy, caller, device, group, request)
+            for address, (device, group) in resolved.items()
+        }
+        for address, decision in decisions.items():
+            if not decision.allowed:
+                _audit(
+                    MESSAGE_DENIED,
+                    f"denied {address} to uid {caller.uid}: {' '.join(decision.reasons)}",
+                    {"DEVICES": str(address), **_caller_fields(caller, pid)},
+                )
+                raise refusal_error(decision)
+        self._check_max_leases(caller, decisions.values())
+
+        unsafe = any(group is None or group.noiommu for _, group in resolved.values())
+        if unsafe and backend is Backend.IOMMUFD:
+            raise NotSupported(
+                "no-IOMMU devices have no iommufd path in Linux; ask with backend=legacy"
+            )
+
+        moved: list[PciAddress] = []
+        try:
+            groups = self._prepare(caller, resolved, decisions, options, moved)
+            lease = Lease(
+                id=secrets.token_hex(8),
+                caller=caller,
+                pid=pid,
+                owner=owner,
+                label=options.label,
+                backend=backend,
+                unsafe=unsafe,
+                groups=groups,
+                devices=tuple(resolved),
+                request=request,
+                rules=tuple(
+                    dict.fromkeys(d.rule.name for d in decisions.values() if d.rule is not None)
+                ),
+                created=self.clock(),
+                restore=all(
+                    d.grants is None or d.grants.restore_driver for d in decisions.values()
+                ),
+                max_locked_memory=_smallest(
+                    d.grants.max_locked_memory for d in decisions.values() if d.grants
+                ),
+                moved=tuple(moved),
+                owner_pid=owner_pid,
+            )
+            fds = self._open(lease, options)
+        except BaseException:
+            self._undo_binding(moved)
+            raise
+        try:
+            self._adopt_owner(lease, options.owner_pidfd)
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            self._close_handles(lease)
+            self._undo_binding(moved)
+            raise
+        self.leases[lease.id] = lease
+        self.binder.state.update(lambda s: s.with_lease(lease.record()))
+        _audit(
+            MESSAGE_GRANTED,
+            f"granted IOMMU group(s) {', '.join(lease.group_ids)} ({backend}) to uid "
+            f"{caller.uid} as lease {lease.id}" + (f" for {lease.label}" if lease.label else ""),
+            lease.audit_fields(),
+        )
+        if unsafe:
+            _audit(
+                MESSAGE_UNSAFE,
+                f"UNSAFE no-IOMMU device(s) {', '.join(str(d) for d in lease.devices)} granted "
+                f"to uid {caller.uid} (lease {lease.id}): they can DMA to all host memory",
+                lease.audit_fields(),
+                logging.WARNING,
+            )
+        self._notify(lease, LeaseChange.GRANTED)
+        return Grant(lease, fds)
+
+    def _request(self, policy: Policy, options: AcquireOptions) -> Request:
+        backend = options.backend or Backend(policy.settings.default_backend)
+        return Request(
+            backend=backend.value, managed=options.managed, unsafe_noiommu=options.unsafe_noiommu
+        )
+
+    def _resolve(self, text: str) -> tuple[PciDevice, IommuGroup | None]:
+        """The device and its group; None for a device without an IOMMU group
+        that unsafe no-IOMMU mode could give one."""
+        try:
+            address = PciAddress.parse(text)
+        except AddressError as e:
+            raise InvalidArgument(str(e)) from e
+        inventory = self.host.inventory
+        device = inventory.devices.get(address)
+        if device is None:
+            raise NotFound(
+                f"no PCI device {address} on this host; `vfioctl list` shows the devices"
+            )
+        if device.group is not None:
+            return device, inventory.groups[device.group]
+        if not noiommu.supported(self.binder.sysfs):
+            raise NotSupported(
+                f"{address} has no IOMMU group: boot with the IOMMU on (intel_iommu=on or "
+                "amd_iommu=on); this kernel has no unsafe no-IOMMU mode either"
+            )
+        return device, None
+
+    def _holder(self, device: PciDevice, group: IommuGroup | None) -> Lease | None:
+        if group is not None:
+            return self.lease_of_group(group.id)
+        return self.lease_of_device(device.address)
+
+    @staticmethod
+    def _busy_text(holder: Lease, group: IommuGroup | None, device: PciDevice) -> str:
+        what = f"IOMMU group {group.id}" if group is not None else str(device.address)
+        state = "" if holder.state is LeaseState.ACTIVE else f", {holder.state.value}"
+        return (
+            f"{what} is leased to {holder.label or 'an unnamed VM'} (uid "
+            f"{holder.caller.uid}, lease {holder.id}{state})"
+        )
+
+    def _decide(
+        self,
+        policy: Policy,
+        caller: Caller,
+        device: PciDevice,
+        group: IommuGroup | None,
+        request: Request,
+    ) -> Decision:
+        return decide(
+            policy,
+            caller,
+            device,
+            request,
+            host_critical=self.critical().get(device.address, ()),
+            noiommu=group is None or group.noiommu,
+        )
+
+    def _check_owner(self, caller: Caller, pidfd: int | None) -> int | None:
+        if pidfd is None:
+            return None
+        try:
+            process = owner_process(pidfd, self.proc)
+        except HostError as e:
+            raise InvalidArgument(str(e)) from e
+        if caller.uid not in (0, process.uid):
+            raise PermissionDenied(
+                f"owner-pidfd names pid {process.pid} of uid {process.uid}, not one of "
+                f"yours (uid {caller.uid}); pass a pidfd of your own VMM process"
+            )
+        return process.pid
+
+    def _check_max_leases(self, caller: Caller, decisions: Iterable[Decision]) -> None:
+        for decision in decisions:
+            if decision.rule is None or decision.grants is None:
+                continue
+            limit = decision.grants.max_leases
+            if limit is None:
+                continue
+            held = [
+                lease
+                for lease in self.leases.values()
+                if lease.caller.uid == caller.uid and decision.rule.name in lease.rules
+            ]
+            if len(held) >= limit:
+                raise PermissionDenied(
+                    f"uid {caller.uid} holds {len(held)} lease(s) under rule "
+                    f"{decision.rule.name!r} ({decision.rule.source}), which allows "
+                    f"max-leases = {limit}: "
+                    + ", ".join(f"{lease.id} ({lease.state.value})" for lease in held)
+                    + "; release one first"
+                )
+
+    def _prepare(
+        self,
+        caller: Caller,
+        resolved: Mapping[PciAddress, tuple[PciDevice, IommuGroup | None]],
+        decisions: Mapping[PciAddress, Decision],
+        options: AcquireOptions,
+        moved: list[PciAddress],
+    ) -> tuple[IommuGroup, ...]:
+        """Bind what must move (recording it in ``moved`` as it goes) and return
+        the leased groups as they are now, each one viable."""
+        grants = [d.grants for d in decisions.values() if d.grants is not None]
+        for device, group in resolved.values():
+            if group is None:
+                self._bind_noiommu(device, options, grants, moved)
+            else:
+                self._bind_group(caller, group, set(resolved), decisions, options, moved)
+        inventory = self.host.inventory
+        groups: dict[str, IommuGroup] = {}
+        for address in resolved:
+            group = inventory.group_of(address)
+            groups[group.id] = group
+        for group in groups.values():
+            if not group.viable:
+                raise NotViable(
+                    f"IOMMU group {group.id} is not viable: "
+                    + "; ".join(b.reason for b in group.blockers())
+                    + ". Bind those devices to vfio-pci (or unbind them), or ask with "
+                    "managed=true where policy allows it"
+                )
+        return tuple(groups.values())
+
+    def _bind_noiommu(
+        self,
+        device: PciDevice,
+        options: AcquireOptions,
+        grants: Sequence[Grants],
+        moved: list[PciAddress],
+    ) -> None:
+        """A device without an IOMMU gets a no-IOMMU group once bound to
+        vfio-pci with the kernel's unsafe mode on (decide() has checked all
+        three consents)."""
+        if not options.managed:
+            raise NotViable(
+                f"{device.address} has no IOMMU group; ask with managed=true to let vfiod "
+                "bind it to vfio-pci in unsafe no-IOMMU mode, where policy allows it"
+            )
+        self._require_managed(device.address, grants)
+        sysfs = self.binder.sysfs
+        if not noiommu.enabled(sysfs):
+            log.warning("turning on the kernel's unsafe no-IOMMU mode for %s", device.address)
+            try:
+                noiommu.enable(sysfs)
+            except HostError as e:
+                raise KernelError(e.errno or errno.EIO, str(e)) from e
+        self._bind_devices([device.address], allow_critical=(), moved=moved)
+
+    @staticmethod
+    def _require_managed(address: PciAddress, grants: Sequence[Grants]) -> None:
+        if not any(g.managed for g in grants):
+            raise PermissionDenied(
+                f"policy does not let vfiod rebind {address} for you (no 'managed = true' in "
+                "the matching rule); bind it to vfio-pci yourself, or ask an admin"
+            )
+
+    def _bind_group(
+        self,
+        caller: Caller,
+        group: IommuGroup,
+        requested: set[PciAddress],
+        decisions: Mapping[PciAddress, Decision],
+        options: AcquireOptions,
+        moved: list[PciAddress],
+    ) -> None:
+        """Move group members to vfio-pci where needed and allowed."""
+        moving = [d.address for d in group.devices if needs_binding(d)]
+        if not moving:
+            return
+        if not options.managed:
+            raise NotViable(
+                f"IOMMU group {group.id} is not viable: "
+                + "; ".join(b.reason for b in group.blockers())
+                + ". Ask with managed=true to let vfiod bind it to vfio-pci"
+            )
+        allowed = [d.grants for d in decisions.values() if d.grants is not None]
+        if not any(g.managed for g in allowed):
+            raise PermissionDenied(
+                f"policy does not let vfiod rebind devices of IOMMU group {group.id} for uid "
+                f"{caller.uid} (no 'managed = true' in the matching rule); bind them to "
+                "vfio-pci yourself, or ask an admin"
+            )
+        companions = [a for a in moving if a not in requested]
+        if companions and not any(g.companions for g in allowed):
+            raise PermissionDenied(
+                f"IOMMU group {group.id} also holds "
+                + ", ".join(str(a) for a in companions)
+                + ", which would have to move to vfio-pci too, and policy does not allow "
+                "that ('companions = true' missing in the matching rule); name them in the "
+                "request, or ask an admin"
+            )
+        named: set[PciAddress] = set()
+        for decision in decisions.values():
+            if decision.allowed and decision.rule is not None:
+                named.update(decision.rule.exact_addresses)
+        self._bind_devices(moving, allow_critical=named, moved=moved)
+
+    def _bind_devices(
+        self,
+        addresses: Sequence[PciAddress],
+        *,
+        allow_critical: Iterable[PciAddress],
+        moved: list[PciAddress],
+    ) -> None:
+        allowed = set(allow_critical)
+        try:
+            self.binder.refuse_critical(addresses, allowed)
+            for address in addresses:
+                log.info("binding %s to vfio-pci", address)
+                if self.binder.bind(address, allow_critical=allowed) is not None:
+                    moved.append(address)
+        except HostError as e:
+            if e.errno == errno.EPERM:
+                raise HostCritical(str(e)) from e
+            raise KernelError(e.errno or errno.EIO, str(e)) from e
+        finally:
+            self.host.refresh(addresses)
+
+    def _undo_binding(self, moved: Sequence[PciAddress]) -> None:
+        if not moved:
+            return
+        try:
+            self.binder.restore_all(reversed(moved))
+        except HostError as e:
+            log.error("putting devices back after a failed acquire: %s", e)
+        self.host.refresh(moved)
+
+    def _open(self, lease: Lease, options: AcquireOptions) -> dict[str, int]:
+        """Open what the client gets; vfiod keeps group and container (or
+        iommufd) fds — owning the open group is owning the group — and hands
+        out duplicates and device fds."""
+        fds: dict[str, int] = {}
+        try:
+            if lease.backend is Backend.LEGACY:
+                self._open_legacy(lease, options, fds)
+            else:
+                self._open_iommufd(lease, fds)
+        except BaseException as e:
+            for fd in fds.values():
+                os.close(fd)
+            self._close_handles(lease)
+            if isinstance(e, NotSupportedError):
+                raise NotSupported(str(e)) from e
+            if isinstance(e, VfioError):
+                raise KernelError(e.errno or errno.EIO, str(e)) from e
+            raise
+        return fds
+
+    def _vfio_members(self, group: IommuGroup) -> list[PciDevice]:
+        # Bridges and unbound members have no device fd.
+        return [d for d in group.devices if d.driver == "vfio-pci"]
+
+    def _open_legacy(self, lease: Lease, options: AcquireOptions, fds: dict[str, int]) -> None:
+        container = Container.open(self.kernel, os.path.join(self.dev_vfio, "vfio"))
+        lease.handles.append(container)
+        groups: list[tuple[Group, IommuGroup]] = []
+        for info in lease.groups:
+            group = Group.open(self.kernel, info.node_name, dev_dir=self.dev_vfio)
+            lease.handles.append(group)
+            groups.append((group, info))
+            cross_check_viability(info, group.viable)
+            group.set_container(container)
+        container.set_iommu()
+        fds["container"] = os.dup(container.fileno())
+        for group, info in groups:
+            fds[f"group:{info.node_name}"] = os.dup(group.fileno())
+        if options.open_devices:
+            for group, info in groups:
+                for member in self._vfio_members(info):
+                    with group.open_device(member.address) as device:
+                        fds[f"device:{member.address}"] = os.dup(device.fileno())
+
+    def _open_iommufd(self, lease: Lease, fds: dict[str, int]) -> None:
+        iommufd = IommuFd.open(self.kernel)
+        lease.handles.append(iommufd)
+        fds["iommufd"] = os.dup(iommufd.fileno())
+        for info in lease.groups:
+            # vfiod holds the group node too, so no one else can open the
+            # group the legacy way while the client uses the cdevs.
+            group = Group.open(self.kernel, info.node_name, dev_dir=self.dev_vfio)
+            lease.handles.append(group)
+            for member in self._vfio_members(info):
+                path = cdev_path(member.address, sysfs=self.binder.sysfs.root)
+                with CdevDevice.open(self.kernel, path, str(member.address)) as cdev:
+                    # Unbound: the VMM binds it to its own iommufd and attaches.
+                    fds[f"device:{member.address}"] = os.dup(cdev.fileno())
+
+    def _adopt_owner(self, lease: Lease, pidfd: int | None) -> None:
+        """Tie the lease to the owner process: keep a pidfd of it, watch it,
+        and give it the locked-memory limit its DMA needs."""
+        if pidfd is None:
+            return
+        if lease.max_locked_memory is not None and lease.owner_pid is not None:
+            try:
+                raise_memlock(lease.owner_pid, lease.max_locked_memory)
+            except HostError as e:
+                raise KernelError(e.errno or errno.EIO, str(e)) from e
+        lease.owner_pidfd = os.dup(pidfd)
+        if exited(lease.owner_pidfd):
+            os.close(lease.owner_pidfd)
+            lease.owner_pidfd = None
+            raise InvalidArgument("the owner-pidfd's process exited while the lease was made")
+        lease.unwatch = self.watcher.watch(
+            lease.owner_pidfd,
+            lambda: self.end(lease, f"its owner process {lease.owner_pid} exited"),
+        )
+
+    # -- brokered DMA
+
+    def map_dma(
+        self,
+        lease_id: str,
+        caller: Caller,
+        memfd: int,
+        offset: int,
+        size: int,
+        iova: int | None,
+    ) -> int:
+        """Map ``size`` bytes of ``memfd`` at ``offset`` into the lease's
+        container at ``iova`` (None: vfiod picks one); return the IOVA."""
+        lease = self._own_lease(lease_id, caller)
+        container = lease.container
+        if lease.state is not LeaseState.ACTIVE or container is None:
+            raise NotSupported(
+                f"lease {lease.id} has no container to map into (backend {lease.backend}); "
+                "map through your own iommufd with IOMMU_IOAS_MAP"
+            )
+        if lease.unsafe:
+            raise NotSupported(
+                "a no-IOMMU lease has no IOMMU to map into: the device addresses physical "
+                "memory directly"
+            )
+        if size <= 0 or size % PAGE or offset % PAGE:
+            raise InvalidArgument(
+                f"size ({size}) and offset ({offset}) must be positive multiples of {PAGE}"
+            )
+        limit = lease.max_locked_memory
+        if limit is not None and lease.pinned + size > limit:
+            raise PermissionDenied(
+                f"mapping {size} bytes would pin {lease.pinned + size} bytes for lease "
+                f"{lease.id}, more than the policy's max-locked-memory of {limit}; unmap "
+                "something first, or ask an admin for more"
+            )
+        try:
+            if iova is None:
+                found = first_fit(
+                    container.iova_ranges(),
+                    ((m.iova, m.size) for m in lease.mappings.values()),
+                    size,
+                    HUGE_PAGE if size >= HUGE_PAGE else PAGE,
+                )
+                if found is None:
+                    raise NotFound(f"no free IOVA range of {size} bytes is left in the lease")
+                iova = found
+            mapping = DmaMapping.map_memfd(self.kernel, container, memfd, offset, size, iova)
+        except NotSupportedError as e:
+            raise NotSupported(str(e)) from e
+        except VfioError as e:
+            raise KernelError(e.errno or errno.EIO, str(e)) from e
+        lease.mappings[iova] = mapping
+        log.info("lease %s: mapped %#x bytes at IOVA %#x", lease.id, size, iova)
+        return iova
+
+    def unmap_dma(self, lease_id: str, caller: Caller, iova: int, size: int) -> None:
+        lease = self._own_lease(lease_id, caller)
+        mapping = lease.mappings.get(iova)
+        if mapping is None or mapping.size != size:
+            made = ", ".join(f"{m.size:#x} at {m.iova:#x}" for m in lease.mappings.values())
+            raise NotFound(
+                f"lease {lease.id} has no MapDma mapping of {size:#x} bytes at IOVA {iova:#x} "
+                f"(it has: {made or 'none'}); mappings you made yourself through the "
+                "container fd are yours to unmap"
+            )
+        del lease.mappings[iova]
+        try:
+            mapping.unmap()
+        except VfioError as e:
+            raise KernelError(e.errno or errno.EIO, str(e)) from e
+
+    # -- release and drain
+
+    def release(self, lease_id: str, caller: Caller) -> None:
+        lease = self._own_lease(lease_id, caller)
+        self.end(lease, "released by its owner", revoked=False)
+
+    def _lease(self, lease_id: str) -> Lease:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise NotFound(f"no lease {lease_id}; it may have ended already")
+        return lease
+
+    def _own_lease(self, lease_id: str, caller: Caller) -> Lease:
+        lease = self._lease(lease_id)
+        if caller.uid not in (0, lease.caller.uid):
+            raise PermissionDenied(
+                f"lease {lease_id} belongs to uid {lease.caller.uid}; only it (or root) may "
+                "use or release it"
+            )
+        return lease
+
+    def end(self, lease: Lease, reason: str, *, revoked: bool = True) -> None:
+        """End a lease: close vfiod's fds, then drain until the group is free."""
+        if lease.state is not LeaseState.ACTIVE:
+            return
+        lease.state = LeaseState.DRAINING
+        lease.end_reason = reason
+        lease.revoked = revoked
+        self._close_handles(lease)
+        _audit(
+            MESSAGE_REVOKED if revoked else MESSAGE_RELEASED,
+            f"lease {lease.id} ended: {reason}",
+            lease.audit_fields(),
+        )
+        self._notify(lease, LeaseChange.ENDED)
+        self.drain()
+
+    def _close_handles(self, lease: Lease) -> None:
+        for mapping in list(lease.mappings.values()):
+            try:
+                mapping.unmap()
+            except VfioError as e:  # closing the container unmaps it anyway
+                log.warning("lease %s: %s", lease.id, e)
+        lease.mappings.clear()
+        for handle in reversed(lease.handles):
+            handle.close()
+        lease.handles.clear()
+        if lease.unwatch is not None:
+            lease.unwatch()
+            lease.unwatch = None
+        if lease.owner_pidfd is not None:
+            os.close(lease.owner_pidfd)
+            lease.owner_pidfd = None
+
+    def drain(self) -> list[Lease]:
+        """Free every draining lease whose groups nobody holds any more, and
+        give its devices back. Returns the leases freed now. Call it again
+        later for the others (the daemon does, on a timer)."""
+        freed = []
+        for lease in list(self.leases.values()):
+            if lease.state is LeaseState.DRAINING and self._groups_free(lease):
+                self._free(lease)
+                freed.append(lease)
+        return freed
+
+    @property
+    def draining(self) -> bool:
+        return any(lease.state is LeaseState.DRAINING for lease in self.leases.values())
+
+    def _groups_free(self, lease: Lease) -> bool:
+        for node in lease.group_nodes:
+            try:
+                Group.open(self.kernel, node, dev_dir=self.dev_vfio).close()
+            except VfioError as e:
+                if e.errno == errno.EBUSY:
+                    return False  # a client still holds a device fd
+                if e.errno not in (errno.ENOENT, errno.ENODEV):
+                    log.warning("lease %s: checking group %s: %s", lease.id, node, e)
+                    return False
+        return True
+
+    def _free(self, lease: Lease) -> None:
+        lease.state = LeaseState.FREE
+        if lease.moved:
+            if lease.restore:
+                try:
+                    self.binder.restore_all(lease.moved)
+                except HostError as e:
+                    log.error("lease %s: %s", lease.id, e)
+                self.host.refresh(a for a in lease.moved if a in self.host.inventory.devices)
+            else:
+                for address in lease.moved:  # policy says: leave them on vfio-pci
+                    self.binder.forget(address)
+        del self.leases[lease.id]
+        self.binder.state.update(lambda s: s.without_lease(lease.id))
+        _audit(
+            MESSAGE_FREED,
+            f"lease {lease.id} is free"
+            + (
+                ": " + ", ".join(str(a) for a in lease.moved) + " restored"
+                if lease.moved and lease.restore
+                else ""
+            ),
+            lease.audit_fields(),
+        )
+        self._notify(lease, LeaseChange.FREED)
+
+    def end_owner(self, owner: str, reason: str) -> None:
+        """The bus name ``owner`` is gone: end its leases, except those that
+        follow an owner process instead."""
+        for lease in list(self.leases.values()):
+            if lease.owner == owner and lease.owner_pidfd is None:
+                self.end(lease, reason)
+
+    def _on_host_event(self, event: HostEvent) -> None:
+        if event.change is not HostChange.REMOVED:
+            return
+        lease = self.lease_of_device(event.address)
+        if lease is not None:
+            lease.moved = tuple(a for a in lease.moved if a != event.address)
+            self.end(lease, f"device {event.address} was removed from the host")
+
+    # -- policy
+
+    def reload_policy(self) -> list[Lease]:
+        """Read the policy files again (PolicyError keeps the old policy) and
+        end the leases the new policy no longer allows. Returns those."""
+        policy = self.policy.reload()
+        revoked = []
+        for lease in list(self.leases.values()):
+            if lease.state is not LeaseState.ACTIVE:
+                continue
+            for address in lease.devices:
+                device = self.host.inventory.devices.get(address)
+                if device is None:
+                    continue
+                group = self.host.inventory.groups.get(device.group or "")
+                decision = self._decide(policy, lease.caller, device, group, lease.request)
+                if not decision.allowed:
+                    self.end(
+                        lease,
+                        f"the policy was reloaded and no longer allows {address}: "
+                        + " ".join(decision.reasons),
+                    )
+                    revoked.append(lease)
+                    break
+        return revoked
+
+    # -- restart
+
+    def recover(self) -> list[Lease]:
+        """After a restart: the leases in the state file lost vfiod's fds with
+        the old process, but their clients may still hold device fds. Each
+        comes back draining, so its devices are given back once it is free;
+        devices vfiod moved for no lease are restored now."""
+        recovered = []
+        for record in self.binder.state.load().leases.values():
+            lease = self._from_record(record)
+            lease.state = LeaseState.DRAINING
+            lease.end_reason = "vfiod restarted"
+            self.leases[lease.id] = lease
+            recovered.append(lease)
+            log.warning(
+                "lease %s (uid %d, %s) was granted before vfiod restarted; it drains now",
+                lease.id,
+                lease.caller.uid,
+                lease.label or "unnamed",
+            )
+        keep = {str(a) for lease in recovered for a in lease.moved}
+        for result in self.binder.repair(keep=keep):
+            log.warning(
+                "repaired %s after a restart: %s",
+                result.address,
+                result.error or f"back on {result.restored_to or 'no driver'}",
+            )
+        if keep:
+            self.host.refresh(
+                PciAddress.parse(a)
+                for a in keep
+                if os.path.isdir(self.binder.sysfs.device_path(PciAddress.parse(a)))
+            )
+        self.drain()
+        return recovered
+
+    def _from_record(self, record: LeaseRecord) -> Lease:
+        groups = tuple(
+            self.host.inventory.groups.get(gid) or IommuGroup(gid, False, ())
+            for gid in record.groups
+        )
+        caller = Caller(uid=record.uid, user=None, gids=(), groups=(), unit=record.unit, slices=())
+        return Lease(
+            id=record.id,
+            caller=caller,
+            pid=record.pid,
+            owner=record.owner,
+            label=record.label,
+            backend=Backend(record.backend),
+            unsafe=record.unsafe,
+            groups=groups,
+            devices=tuple(PciAddress.parse(d) for d in record.devices),
+            request=Request(backend=record.backend, managed=False, unsafe_noiommu=record.unsafe),
+            rules=record.rules,
+            created=record.created,
+            restore=record.restore,
+            max_locked_memory=record.max_locked_memory,
+            moved=tuple(PciAddress.parse(d) for d in record.moved),
+            owner_pid=record.owner_pid,
+        )
+
+    def _notify(self, lease: Lease, change: LeaseChange) -> None:
+        for listener in self.listeners:
+            listener(lease, change)
+
+    def shutdown(self) -> None:
+        """vfiod is stopping: end every lease; give back what is free now."""
+        for lease in list(self.leases.values()):
+            self.end(lease, "vfiod is stopping")
+
+
+def _smallest(values: Iterable[int | None]) -> int | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None

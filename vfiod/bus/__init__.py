@@ -1,0 +1,1 @@
+"""The D-Bus edge: thin sdbus adapters over the broker."""

@@ -1,0 +1,366 @@
+"""The org.vfiod1 interfaces, as sdbus classes: one class per interface, used
+both to serve (by vfiod) and as proxies (by vfiod.client).
+
+Served objects are thin: methods hand over to a ``BusBackend`` (the service in
+vfiod.bus.service, which calls the broker); properties read a snapshot the
+service keeps up to date, so GetManagedObjects over thousands of objects does
+no work beyond reading attributes.
+
+sdbus facts this relies on (0.14.3): every exported method needs
+DbusUnprivilegedFlag or sd-bus refuses non-root callers itself; received fds
+are dups the receiver owns; fds sent are copied into the message, so the
+sender closes its own after the reply is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from sdbus import (
+    DbusInterfaceCommonAsync,
+    DbusObjectManagerInterfaceAsync,
+    DbusPropertyConstFlag,
+    DbusPropertyEmitsChangeFlag,
+    DbusUnprivilegedFlag,
+    dbus_method_async,
+    dbus_property_async,
+    dbus_signal_async,
+)
+
+from vfiod.errors import BrokerError
+
+if TYPE_CHECKING:
+    from vfiod.bus.service import BusBackend
+
+log = logging.getLogger(__name__)
+
+MANAGER_PATH = "/org/vfiod1"
+DEVICE_PREFIX = "/org/vfiod1/device/"
+GROUP_PREFIX = "/org/vfiod1/group/"
+LEASE_PREFIX = "/org/vfiod1/lease/"
+NO_OBJECT = "/"
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def device_path(address: str) -> str:
+    return DEVICE_PREFIX + address.replace(":", "_").replace(".", "_")
+
+
+def group_path(node_name: str) -> str:
+    return GROUP_PREFIX + node_name.replace("-", "_")
+
+
+def lease_path(lease_id: str) -> str:
+    return LEASE_PREFIX + lease_id
+
+
+class InternalError(BrokerError):
+    """Anything but a BrokerError escaping a method is a bug in vfiod."""
+
+
+def guarded(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Answer BrokerErrors as they are; log anything else with its traceback
+    as the bug it is, and answer with a generic error instead of its text."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except BrokerError:
+            raise
+        except Exception as e:
+            log.exception("bug: %s failed", method.__qualname__)
+            raise InternalError(
+                f"vfiod failed unexpectedly ({type(e).__name__}); this is a bug, logged in "
+                "vfiod's journal: please report it"
+            ) from e
+
+    return call
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceView:
+    address: str
+    vendor: int
+    device: int
+    subsystem_vendor: int
+    subsystem_device: int
+    pci_class: int
+    description: str
+    driver: str
+    original_driver: str
+    group: str  # object path, "/" without a group
+    noiommu: bool
+    host_critical: tuple[str, ...]
+    lease: str  # object path, "/" when not leased
+    reset_methods: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupView:
+    id: str
+    devices: tuple[str, ...]  # object paths
+    viable: bool
+    blockers: tuple[tuple[str, str], ...]
+    noiommu: bool
+    lease: str
+
+
+CHANGES = DbusPropertyEmitsChangeFlag
+CONST = DbusPropertyConstFlag
+CALL = DbusUnprivilegedFlag
+
+
+class ManagerInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Manager"):
+    backend: BusBackend
+
+    @dbus_method_async(
+        input_signature="asa{sv}",
+        result_signature="oa{sh}",
+        input_args_names=("devices", "options"),
+        result_args_names=("lease", "fds"),
+        flags=CALL,
+    )
+    @guarded
+    async def acquire(
+        self, devices: list[str], options: dict[str, tuple[str, Any]]
+    ) -> tuple[str, dict[str, int]]:
+        return await self.backend.acquire(devices, options)
+
+    @dbus_method_async(input_signature="o", input_args_names=("lease",), flags=CALL)
+    @guarded
+    async def release(self, lease: str) -> None:
+        await self.backend.release(lease)
+
+    @dbus_method_async(
+        input_signature="asa{sv}",
+        result_signature="a(sbs)",
+        input_args_names=("devices", "options"),
+        result_args_names=("results",),
+        flags=CALL,
+    )
+    @guarded
+    async def check_access(
+        self, devices: list[str], options: dict[str, tuple[str, Any]]
+    ) -> list[tuple[str, bool, str]]:
+        return await self.backend.check_access(devices, options)
+
+    @dbus_method_async(flags=CALL)
+    @guarded
+    async def reload_policy(self) -> None:
+        await self.backend.reload_policy()
+
+    @dbus_property_async("s", flags=CONST)
+    def version(self) -> str:
+        return self.backend.version
+
+    @dbus_property_async("as", flags=CONST)
+    def backends(self) -> list[str]:
+        return list(self.backend.backends)
+
+    @dbus_property_async("b", flags=CHANGES)
+    def no_iommu_mode(self) -> bool:
+        return self.backend.no_iommu_mode
+
+
+class Manager(ManagerInterface, DbusObjectManagerInterfaceAsync):
+    """/org/vfiod1: the Manager and the ObjectManager of everything below it."""
+
+    def __init__(self, backend: BusBackend) -> None:
+        super().__init__()
+        self.backend = backend
+
+
+class DeviceInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Device"):
+    view: DeviceView
+
+    def __init__(self, view: DeviceView) -> None:
+        super().__init__()
+        self.view = view
+
+    @dbus_property_async("s", flags=CONST)
+    def address(self) -> str:
+        return self.view.address
+
+    @dbus_property_async("q", flags=CONST)
+    def vendor(self) -> int:
+        return self.view.vendor
+
+    @dbus_property_async("q", flags=CONST)
+    def device(self) -> int:
+        return self.view.device
+
+    @dbus_property_async("q", flags=CONST)
+    def subsystem_vendor(self) -> int:
+        return self.view.subsystem_vendor
+
+    @dbus_property_async("q", flags=CONST)
+    def subsystem_device(self) -> int:
+        return self.view.subsystem_device
+
+    @dbus_property_async("u", flags=CONST, property_name="Class")
+    def pci_class(self) -> int:
+        return self.view.pci_class
+
+    @dbus_property_async("s", flags=CONST)
+    def description(self) -> str:
+        return self.view.description
+
+    @dbus_property_async("s", flags=CHANGES)
+    def driver(self) -> str:
+        return self.view.driver
+
+    @dbus_property_async("s", flags=CHANGES)
+    def original_driver(self) -> str:
+        return self.view.original_driver
+
+    @dbus_property_async("o", flags=CHANGES)
+    def group(self) -> str:
+        return self.view.group
+
+    @dbus_property_async("b", flags=CHANGES)
+    def no_iommu(self) -> bool:
+        return self.view.noiommu
+
+    @dbus_property_async("as", flags=CHANGES)
+    def host_critical(self) -> list[str]:
+        return list(self.view.host_critical)
+
+    @dbus_property_async("o", flags=CHANGES)
+    def lease(self) -> str:
+        return self.view.lease
+
+    @dbus_property_async("as", flags=CHANGES)
+    def reset_methods(self) -> list[str]:
+        return list(self.view.reset_methods)
+
+
+class GroupInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Group"):
+    view: GroupView
+
+    def __init__(self, view: GroupView) -> None:
+        super().__init__()
+        self.view = view
+
+    @dbus_property_async("s", flags=CONST)
+    def id(self) -> str:
+        return self.view.id
+
+    @dbus_property_async("ao", flags=CHANGES)
+    def devices(self) -> list[str]:
+        return list(self.view.devices)
+
+    @dbus_property_async("b", flags=CHANGES)
+    def viable(self) -> bool:
+        return self.view.viable
+
+    @dbus_property_async("a(ss)", flags=CHANGES)
+    def blockers(self) -> list[tuple[str, str]]:
+        return list(self.view.blockers)
+
+    @dbus_property_async("b", flags=CONST)
+    def no_iommu(self) -> bool:
+        return self.view.noiommu
+
+    @dbus_property_async("o", flags=CHANGES)
+    def lease(self) -> str:
+        return self.view.lease
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseView:
+    owner: str
+    uid: int
+    pid: int
+    unit: str
+    label: str
+    devices: tuple[str, ...]
+    groups: tuple[str, ...]
+    backend: str
+    unsafe: bool
+    created: int  # microseconds since the epoch
+
+
+class LeaseInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Lease"):
+    backend: BusBackend
+    lease_id: str
+    view: LeaseView
+
+    def __init__(self, backend: BusBackend, lease_id: str, view: LeaseView) -> None:
+        super().__init__()
+        self.backend = backend
+        self.lease_id = lease_id
+        self.view = view
+
+    @dbus_method_async(flags=CALL, method_name="Release")
+    @guarded
+    async def release_lease(self) -> None:
+        await self.backend.release(lease_path(self.lease_id))
+
+    @dbus_method_async(
+        input_signature="httta{sv}",
+        result_signature="t",
+        input_args_names=("memfd", "offset", "size", "iova", "options"),
+        result_args_names=("mapped_iova",),
+        flags=CALL,
+    )
+    @guarded
+    async def map_dma(
+        self, memfd: int, offset: int, size: int, iova: int, options: dict[str, tuple[str, Any]]
+    ) -> int:
+        return await self.backend.map_dma(self.lease_id, memfd, offset, size, iova, options)
+
+    @dbus_method_async(input_signature="tt", input_args_names=("iova", "size"), flags=CALL)
+    @guarded
+    async def unmap_dma(self, iova: int, size: int) -> None:
+        await self.backend.unmap_dma(self.lease_id, iova, size)
+
+    @dbus_signal_async("s", signal_args_names=("reason",))
+    def revoked(self) -> str:
+        raise NotImplementedError  # emitted, never called
+
+    @dbus_property_async("s", flags=CONST)
+    def owner(self) -> str:
+        return self.view.owner
+
+    @dbus_property_async("u", flags=CONST)
+    def uid(self) -> int:
+        return self.view.uid
+
+    @dbus_property_async("u", flags=CONST)
+    def pid(self) -> int:
+        return self.view.pid
+
+    @dbus_property_async("s", flags=CONST)
+    def unit(self) -> str:
+        return self.view.unit
+
+    @dbus_property_async("s", flags=CONST)
+    def label(self) -> str:
+        return self.view.label
+
+    @dbus_property_async("as", flags=CONST)
+    def devices(self) -> list[str]:
+        return list(self.view.devices)
+
+    @dbus_property_async("as", flags=CONST)
+    def groups(self) -> list[str]:
+        return list(self.view.groups)
+
+    @dbus_property_async("s", flags=CONST, property_name="Backend")
+    def backend_name(self) -> str:
+        return self.view.backend
+
+    @dbus_property_async("b", flags=CONST)
+    def unsafe(self) -> bool:
+        return self.view.unsafe
+
+    @dbus_property_async("t", flags=CONST)
+    def created(self) -> int:
+        return self.view.created

@@ -1,0 +1,397 @@
+"""vfiod on the bus: exports the broker's view of the host (devices, groups,
+leases) under one ObjectManager, keeps it current, and answers the methods.
+
+This is the only place that knows both sdbus and the broker; it translates
+wire inputs (checked getters), calls the broker, and closes every fd it
+received or sent at the right moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from sdbus import get_current_message, map_exception_to_dbus_error
+from sdbus.dbus_proxy_async_interface_base import DbusExportHandle
+from sdbus.dbus_proxy_async_property import DbusPropertyAsync
+from sdbus.sd_bus_internals import SdBus
+
+from vfiod import __version__
+from vfiod.broker import Backend, Broker, Lease, LeaseChange
+from vfiod.bus.credentials import Callers
+from vfiod.bus.interfaces import (
+    CHANGES,
+    LEASE_PREFIX,
+    MANAGER_PATH,
+    NO_OBJECT,
+    DeviceInterface,
+    DeviceView,
+    GroupInterface,
+    GroupView,
+    InternalError,
+    LeaseInterface,
+    LeaseView,
+    Manager,
+    device_path,
+    group_path,
+    lease_path,
+)
+from vfiod.bus.wire import Variants, acquire_options, map_options
+from vfiod.errors import ALL_ERRORS, BrokerError, InvalidArgument, PermissionDenied, PolicyInvalid
+from vfiod.host.inventory import IommuGroup, PciDevice
+from vfiod.host.watcher import HostEvent
+from vfiod.pci import PciAddress
+from vfiod.policy.load import PolicyError
+
+log = logging.getLogger(__name__)
+
+# dbus-daemon drops a message carrying more fds and disconnects its sender.
+MAX_REPLY_FDS = 16
+
+
+class BusBackend(Protocol):
+    """What the served interfaces call."""
+
+    version: str
+    backends: tuple[str, ...]
+
+    @property
+    def no_iommu_mode(self) -> bool: ...
+
+    async def acquire(
+        self, devices: list[str], options: Variants
+    ) -> tuple[str, dict[str, int]]: ...
+
+    async def release(self, lease: str) -> None: ...
+
+    async def check_access(
+        self, devices: list[str], options: Variants
+    ) -> list[tuple[str, bool, str]]: ...
+
+    async def reload_policy(self) -> None: ...
+
+    async def map_dma(
+        self, lease_id: str, memfd: int, offset: int, size: int, iova: int, options: Variants
+    ) -> int: ...
+
+    async def unmap_dma(self, lease_id: str, iova: int, size: int) -> None: ...
+
+
+def register_errors() -> None:
+    """Map each broker error class to its D-Bus error name (sdbus maps by exact type)."""
+    errors: tuple[type[BrokerError], ...] = (*ALL_ERRORS, BrokerError, InternalError)
+    for error in errors:
+        # Mapped already when a second service runs in the same process (tests).
+        with contextlib.suppress(ValueError):
+            map_exception_to_dbus_error(error, error.dbus_name)
+
+
+def _changing_properties(cls: type) -> list[DbusPropertyAsync[Any]]:
+    found: dict[str, DbusPropertyAsync[Any]] = {}
+    for klass in reversed(cls.__mro__):
+        for member in vars(klass).values():
+            if isinstance(member, DbusPropertyAsync) and member.flags & CHANGES:
+                found[member.property_name] = member
+    return list(found.values())
+
+
+class _Exported:
+    """One exported object and its export handle."""
+
+    def __init__(self, obj: DeviceInterface | GroupInterface | LeaseInterface, path: str) -> None:
+        self.obj = obj
+        self.path = path
+        self.handle: DbusExportHandle | None = None
+
+
+class BusService:
+    """The BusBackend of the served interfaces, over a Broker."""
+
+    def __init__(self, broker: Broker, bus: SdBus, callers: Callers) -> None:
+        self.broker = broker
+        self.bus = bus
+        self.callers = callers
+        self.version = __version__
+        self.backends = tuple(b.value for b in Backend)
+        self.manager = Manager(self)
+        self._manager_handle: DbusExportHandle | None = None
+        self.devices: dict[PciAddress, _Exported] = {}
+        self.groups: dict[str, _Exported] = {}
+        self.leases: dict[str, _Exported] = {}
+        register_errors()
+        broker.listeners.append(self.on_lease)
+        broker.host.listeners.append(self.on_host_event)
+
+    # -- properties of the Manager
+
+    @property
+    def no_iommu_mode(self) -> bool:
+        return self.broker.policy.current.settings.allow_unsafe_noiommu
+
+    # -- exporting
+
+    def export(self) -> None:
+        """Export the Manager and every device and group (before the name is
+        owned: nobody is listening, so no InterfacesAdded)."""
+        self._manager_handle = self.manager.export_to_dbus(MANAGER_PATH, self.bus)
+        inventory = self.broker.host.inventory
+        for device in inventory.devices.values():
+            self._sync_device(device.address, announce=False)
+        for group_id in inventory.groups:
+            self._sync_group(group_id, announce=False)
+        for lease in self.broker.leases.values():
+            self._export_lease(lease, announce=False)
+
+    def close(self) -> None:
+        for exported in [*self.leases.values(), *self.groups.values(), *self.devices.values()]:
+            if exported.handle is not None:
+                exported.handle.stop()
+        self.devices.clear()
+        self.groups.clear()
+        self.leases.clear()
+        if self._manager_handle is not None:
+            self._manager_handle.stop()
+            self._manager_handle = None
+
+    def _export(self, exported: _Exported, announce: bool) -> None:
+        exported.handle = exported.obj.export_to_dbus(exported.path, self.bus)
+        if announce:
+            self.bus.emit_object_added(exported.path)
+
+    def _unexport(self, exported: _Exported) -> None:
+        self.bus.emit_object_removed(exported.path)
+        if exported.handle is not None:
+            exported.handle.stop()
+
+    @staticmethod
+    def _update(exported: _Exported, view: Any) -> None:
+        """Set the object's new view; emit PropertiesChanged for what changed."""
+        obj = exported.obj
+        members = _changing_properties(type(obj))
+        before = {m.property_name: m.property_getter(obj) for m in members}
+        obj.view = view
+        changed = {}
+        for member in members:
+            value = member.property_getter(obj)
+            if value != before[member.property_name]:
+                changed[member.property_name] = (member.property_signature, value)
+        if changed:
+            interface = members[0].interface_name
+            obj.properties_changed.emit((interface, changed, []))
+
+    def _device_view(self, device: PciDevice) -> DeviceView:
+        inventory = self.broker.host.inventory
+        group = inventory.groups.get(device.group) if device.group is not None else None
+        lease = self.broker.lease_of_device(device.address)
+        return DeviceView(
+            address=str(device.address),
+            vendor=device.vendor,
+            device=device.device,
+            subsystem_vendor=device.subsystem_vendor,
+            subsystem_device=device.subsystem_device,
+            pci_class=device.pci_class,
+            description=device.description or device.class_name,
+            driver=device.driver or "",
+            original_driver=self.broker.original_driver(device.address) or "",
+            group=group_path(group.node_name) if group is not None else NO_OBJECT,
+            noiommu=group.noiommu if group is not None else False,
+            host_critical=self.broker.critical().get(device.address, ()),
+            lease=lease_path(lease.id) if lease is not None else NO_OBJECT,
+            reset_methods=device.reset_methods,
+        )
+
+    def _group_view(self, group: IommuGroup) -> GroupView:
+        lease = self.broker.lease_of_group(group.id)
+        return GroupView(
+            id=group.id,
+            devices=tuple(device_path(str(d.address)) for d in group.devices),
+            viable=group.viable,
+            blockers=tuple((str(b.address), b.reason) for b in group.blockers()),
+            noiommu=group.noiommu,
+            lease=lease_path(lease.id) if lease is not None else NO_OBJECT,
+        )
+
+    def _sync_device(self, address: PciAddress, *, announce: bool = True) -> None:
+        device = self.broker.host.inventory.devices.get(address)
+        exported = self.devices.get(address)
+        if device is None:
+            if exported is not None:
+                self._unexport(self.devices.pop(address))
+            return
+        view = self._device_view(device)
+        if exported is None:
+            exported = _Exported(DeviceInterface(view), device_path(str(address)))
+            self.devices[address] = exported
+            self._export(exported, announce)
+        else:
+            self._update(exported, view)
+
+    def _sync_group(self, group_id: str, *, announce: bool = True) -> None:
+        group = self.broker.host.inventory.groups.get(group_id)
+        exported = self.groups.get(group_id)
+        if exported is not None and (group is None or exported.path != group_path(group.node_name)):
+            self._unexport(self.groups.pop(group_id))
+            exported = None
+        if group is None:
+            return
+        view = self._group_view(group)
+        if exported is None:
+            exported = _Exported(GroupInterface(view), group_path(group.node_name))
+            self.groups[group_id] = exported
+            self._export(exported, announce)
+        else:
+            self._update(exported, view)
+
+    def _sync(self, addresses: Iterable[PciAddress], group_ids: Iterable[str] = ()) -> None:
+        inventory = self.broker.host.inventory
+        groups = set(group_ids)
+        for address in set(addresses):
+            self._sync_device(address)
+            device = inventory.devices.get(address)
+            if device is not None and device.group is not None:
+                groups.add(device.group)
+        # Groups that came or went with the change (no-IOMMU groups, VFs).
+        groups |= set(inventory.groups).symmetric_difference(self.groups)
+        for group_id in groups:
+            self._sync_group(group_id)
+
+    def refresh_critical(self) -> None:
+        """Host-critical reasons change without uevents (mounts, routes)."""
+        for address in list(self.devices):
+            self._sync_device(address)
+
+    def _lease_view(self, lease: Lease) -> LeaseView:
+        return LeaseView(
+            owner=lease.owner,
+            uid=lease.caller.uid,
+            pid=lease.pid or 0,
+            unit=lease.caller.unit or "",
+            label=lease.label,
+            devices=tuple(str(d) for d in lease.devices),
+            groups=lease.group_ids,
+            backend=lease.backend.value,
+            unsafe=lease.unsafe,
+            created=int(lease.created * 1_000_000),
+        )
+
+    def _export_lease(self, lease: Lease, *, announce: bool = True) -> None:
+        exported = _Exported(
+            LeaseInterface(self, lease.id, self._lease_view(lease)), lease_path(lease.id)
+        )
+        self.leases[lease.id] = exported
+        self._export(exported, announce)
+
+    # -- events
+
+    def on_host_event(self, event: HostEvent) -> None:
+        path = device_path(str(event.address))
+        # The groups it was in, as exported, and (in _sync) the one it is in now.
+        was_in = [
+            group_id
+            for group_id, exported in self.groups.items()
+            if isinstance(exported.obj, GroupInterface) and path in exported.obj.view.devices
+        ]
+        self._sync([event.address], was_in)
+
+    def on_lease(self, lease: Lease, change: LeaseChange) -> None:
+        if change is LeaseChange.GRANTED:
+            self._export_lease(lease)
+        elif change is LeaseChange.ENDED and lease.revoked:
+            exported = self.leases.get(lease.id)
+            if exported is not None:
+                assert isinstance(exported.obj, LeaseInterface)
+                exported.obj.revoked.emit(lease.end_reason)
+        elif change is LeaseChange.FREED:
+            exported = self.leases.pop(lease.id, None)
+            if exported is not None:
+                self._unexport(exported)
+        addresses = {d.address for g in lease.groups for d in g.devices} | set(lease.devices)
+        self._sync(addresses, lease.group_ids)
+
+    # -- methods
+
+    async def acquire(self, devices: list[str], options: Variants) -> tuple[str, dict[str, int]]:
+        sender = get_current_message().sender or ""
+        parsed = acquire_options(options)
+        try:
+            credentials = await self.callers.of(sender)
+            grant = self.broker.acquire(
+                credentials.caller, credentials.pid, sender, devices, parsed
+            )
+        finally:
+            if parsed.owner_pidfd is not None:
+                os.close(parsed.owner_pidfd)  # received fds are ours; the lease keeps a dup
+        if len(grant.fds) > MAX_REPLY_FDS:
+            for fd in grant.fds.values():
+                os.close(fd)
+            self.broker.end(grant.lease, "too many fds for one reply", revoked=False)
+            raise InvalidArgument(
+                f"the lease would return {len(grant.fds)} fds, more than the "
+                f"{MAX_REPLY_FDS} one D-Bus reply can carry; ask with open-devices=false "
+                "and open the devices from the group fds"
+            )
+        # The reply copies the fds when it is built, after we return; ours close then.
+        loop = asyncio.get_running_loop()
+        for fd in grant.fds.values():
+            loop.call_soon(os.close, fd)
+        return lease_path(grant.lease.id), grant.fds
+
+    def _lease_id(self, path: str) -> str:
+        if not path.startswith(LEASE_PREFIX):
+            raise InvalidArgument(f"{path} is not a lease object path ({LEASE_PREFIX}<id>)")
+        return path.removeprefix(LEASE_PREFIX)
+
+    async def release(self, lease: str) -> None:
+        credentials = await self.callers.of(get_current_message().sender)
+        self.broker.release(self._lease_id(lease), credentials.caller)
+
+    async def check_access(
+        self, devices: list[str], options: Variants
+    ) -> list[tuple[str, bool, str]]:
+        parsed = acquire_options(options, "CheckAccess")
+        try:
+            credentials = await self.callers.of(get_current_message().sender)
+            return self.broker.check_access(credentials.caller, devices, parsed)
+        finally:
+            if parsed.owner_pidfd is not None:
+                os.close(parsed.owner_pidfd)
+
+    async def reload_policy(self) -> None:
+        credentials = await self.callers.of(get_current_message().sender)
+        if credentials.caller.uid != 0:
+            raise PermissionDenied(
+                "only root may reload vfiod's policy; run `systemctl reload vfiod` as root"
+            )
+        try:
+            revoked = self.broker.reload_policy()
+        except PolicyError as e:
+            raise PolicyInvalid(
+                f"the policy was not reloaded, the previous one stays in force: {e}"
+            ) from e
+        log.info("policy reloaded; %d lease(s) revoked", len(revoked))
+        self._update_manager()
+
+    def _update_manager(self) -> None:
+        self.manager.properties_changed.emit(
+            ("org.vfiod1.Manager", {"NoIommuMode": ("b", self.no_iommu_mode)}, [])
+        )
+
+    async def map_dma(
+        self, lease_id: str, memfd: int, offset: int, size: int, iova: int, options: Variants
+    ) -> int:
+        try:
+            allocate = map_options(options)
+            credentials = await self.callers.of(get_current_message().sender)
+            return self.broker.map_dma(
+                lease_id, credentials.caller, memfd, offset, size, None if allocate else iova
+            )
+        finally:
+            os.close(memfd)  # the mapping keeps its own reference (mmap)
+
+    async def unmap_dma(self, lease_id: str, iova: int, size: int) -> None:
+        credentials = await self.callers.of(get_current_message().sender)
+        self.broker.unmap_dma(lease_id, credentials.caller, iova, size)

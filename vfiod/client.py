@@ -1,0 +1,459 @@
+"""A client of vfiod for VM managers and VMMs, blocking or asyncio.
+
+    with Client() as vfiod:
+        lease = vfiod.acquire(["0000:00:10.0"], backend="iommufd", managed=True, label="vm1")
+        qemu_fds = lease.fds            # {"iommufd": 5, "device:0000:00:10.0": 6}
+        ...
+        vfiod.release(lease)            # or exit: the lease ends with the connection
+
+    async with AsyncClient() as vfiod:
+        lease = await vfiod.acquire(...)
+        async for event in vfiod.events(): ...
+
+Both speak plain D-Bus messages to org.vfiod1 on the system bus; requests are
+built and replies read by the same functions, so the two cannot drift apart.
+fds in a reply belong to the caller (close them, or let ``Lease.close()`` do
+it); fds passed in (owner-pidfd, a memfd) stay the caller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, cast
+
+import sdbus
+from sdbus.sd_bus_internals import SdBus, SdBusMessage
+
+BUS_NAME = "org.vfiod1"
+MANAGER_PATH = "/org/vfiod1"
+MANAGER = "org.vfiod1.Manager"
+DEVICE = "org.vfiod1.Device"
+GROUP = "org.vfiod1.Group"
+LEASE = "org.vfiod1.Lease"
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+ERROR_PREFIX = "org.vfiod1.Error."
+
+
+class VfiodError(Exception):
+    """vfiod (or the bus) refused or failed; ``name`` is the D-Bus error name."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.message = message
+
+    @property
+    def kind(self) -> str:
+        """The error without its prefix: "PermissionDenied", "Busy", ..."""
+        return self.name.rsplit(".", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _error(e: sdbus.DbusFailedError | sdbus.SdBusUnmappedMessageError) -> VfiodError:
+    if isinstance(e, sdbus.SdBusUnmappedMessageError):
+        # An error name sdbus has no class for (all of vfiod's): (name, message).
+        name, message = (str(a) for a in (*e.args, "", "")[:2])
+    else:
+        name = str(getattr(e, "dbus_error_name", "org.freedesktop.DBus.Error.Failed"))
+        message = str(e.args[0]) if e.args else name
+    if name == "org.freedesktop.DBus.Error.ServiceUnknown":
+        message = (
+            "vfiod is not running and could not be started: start it with "
+            "`systemctl start vfiod` (as root) and check `journalctl -u vfiod`"
+        )
+    elif name == "org.freedesktop.DBus.Error.AccessDenied":
+        message = (
+            f"the system bus refused the call ({message}); is vfiod's bus policy "
+            "(org.vfiod1.conf) installed in /usr/share/dbus-1/system.d?"
+        )
+    return VfiodError(name, message)
+
+
+class Backend(enum.StrEnum):
+    LEGACY = "legacy"
+    IOMMUFD = "iommufd"
+
+
+@dataclasses.dataclass
+class Lease:
+    """A granted lease and the fds that came with it (the caller's to close)."""
+
+    path: str
+    fds: dict[str, int]
+
+    @property
+    def id(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def close(self) -> None:
+        """Close the fds (the lease stays until released or the connection ends)."""
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+@dataclasses.dataclass(frozen=True)
+class Access:
+    device: str
+    allowed: bool
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    path: str
+    address: str
+    vendor: int
+    device: int
+    pci_class: int
+    description: str
+    driver: str
+    original_driver: str
+    group: str  # object path
+    noiommu: bool
+    host_critical: tuple[str, ...]
+    lease: str  # object path, "/" if none
+    reset_methods: tuple[str, ...]
+
+    @property
+    def ids(self) -> str:
+        return f"{self.vendor:04x}:{self.device:04x}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupInfo:
+    path: str
+    id: str
+    devices: tuple[str, ...]  # object paths
+    viable: bool
+    blockers: tuple[tuple[str, str], ...]
+    noiommu: bool
+    lease: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseInfo:
+    path: str
+    owner: str
+    uid: int
+    pid: int
+    unit: str
+    label: str
+    devices: tuple[str, ...]
+    groups: tuple[str, ...]
+    backend: str
+    unsafe: bool
+    created: int  # microseconds since the epoch
+
+    @property
+    def id(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Inventory:
+    devices: dict[str, DeviceInfo]  # by address
+    groups: dict[str, GroupInfo]  # by object path
+    leases: dict[str, LeaseInfo]  # by object path
+
+    def group_of(self, device: DeviceInfo) -> GroupInfo | None:
+        return self.groups.get(device.group)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A change vfiod announced: ``kind`` is "added", "removed", "changed" or
+    "revoked"; ``changes`` the new property values (or the reason, for revoked)."""
+
+    kind: str
+    path: str
+    changes: Mapping[str, Any]
+
+
+def lease_path(lease: Lease | str) -> str:
+    if isinstance(lease, Lease):
+        return lease.path
+    return lease if lease.startswith("/") else f"{MANAGER_PATH}/lease/{lease}"
+
+
+# -- requests and replies, shared by both clients
+
+
+def _options(
+    *,
+    backend: str | None = None,
+    managed: bool | None = None,
+    unsafe_noiommu: bool | None = None,
+    open_devices: bool | None = None,
+    owner_pidfd: int | None = None,
+    label: str | None = None,
+) -> dict[str, tuple[str, Any]]:
+    options: dict[str, tuple[str, Any]] = {}
+    if backend is not None:
+        options["backend"] = ("s", str(backend))
+    if managed is not None:
+        options["managed"] = ("b", managed)
+    if unsafe_noiommu is not None:
+        options["unsafe-noiommu"] = ("b", unsafe_noiommu)
+    if open_devices is not None:
+        options["open-devices"] = ("b", open_devices)
+    if owner_pidfd is not None:
+        options["owner-pidfd"] = ("h", owner_pidfd)
+    if label is not None:
+        options["label"] = ("s", label)
+    return options
+
+
+def _call(
+    bus: SdBus,
+    interface: str,
+    member: str,
+    signature: str = "",
+    *args: Any,
+    path: str = MANAGER_PATH,
+) -> SdBusMessage:
+    message = bus.new_method_call_message(BUS_NAME, path, interface, member)
+    if signature:
+        message.append_data(signature, *args)
+    return message
+
+
+def _value(reply: SdBusMessage) -> Any:
+    contents: Any = reply.get_contents()  # the value itself for one complete type
+    return contents
+
+
+def _unwrap(properties: Mapping[str, tuple[str, Any]]) -> dict[str, Any]:
+    return {name: value for name, (_sig, value) in properties.items()}
+
+
+def _device(path: str, p: Mapping[str, Any]) -> DeviceInfo:
+    return DeviceInfo(
+        path=path,
+        address=p["Address"],
+        vendor=p["Vendor"],
+        device=p["Device"],
+        pci_class=p["Class"],
+        description=p["Description"],
+        driver=p["Driver"],
+        original_driver=p["OriginalDriver"],
+        group=p["Group"],
+        noiommu=p["NoIommu"],
+        host_critical=tuple(p["HostCritical"]),
+        lease=p["Lease"],
+        reset_methods=tuple(p["ResetMethods"]),
+    )
+
+
+def _group(path: str, p: Mapping[str, Any]) -> GroupInfo:
+    return GroupInfo(
+        path=path,
+        id=p["Id"],
+        devices=tuple(p["Devices"]),
+        viable=p["Viable"],
+        blockers=tuple((a, r) for a, r in p["Blockers"]),
+        noiommu=p["NoIommu"],
+        lease=p["Lease"],
+    )
+
+
+def _lease_info(path: str, p: Mapping[str, Any]) -> LeaseInfo:
+    return LeaseInfo(
+        path=path,
+        owner=p["Owner"],
+        uid=p["Uid"],
+        pid=p["Pid"],
+        unit=p["Unit"],
+        label=p["Label"],
+        devices=tuple(p["Devices"]),
+        groups=tuple(p["Groups"]),
+        backend=p["Backend"],
+        unsafe=p["Unsafe"],
+        created=p["Created"],
+    )
+
+
+def _inventory(objects: Mapping[str, Mapping[str, Mapping[str, tuple[str, Any]]]]) -> Inventory:
+    devices: dict[str, DeviceInfo] = {}
+    groups: dict[str, GroupInfo] = {}
+    leases: dict[str, LeaseInfo] = {}
+    for path, interfaces in objects.items():
+        if DEVICE in interfaces:
+            device = _device(path, _unwrap(interfaces[DEVICE]))
+            devices[device.address] = device
+        if GROUP in interfaces:
+            groups[path] = _group(path, _unwrap(interfaces[GROUP]))
+        if LEASE in interfaces:
+            leases[path] = _lease_info(path, _unwrap(interfaces[LEASE]))
+    return Inventory(dict(sorted(devices.items())), groups, leases)
+
+
+def _acquired(reply: SdBusMessage) -> Lease:
+    path, fds = _value(reply)
+    return Lease(str(path), {str(k): int(v) for k, v in fds.items()})
+
+
+def _accesses(reply: SdBusMessage) -> list[Access]:
+    return [Access(d, bool(a), r) for d, a, r in _value(reply)]
+
+
+class Client:
+    """Blocking client. One bus connection: leases made without owner-pidfd
+    end when it closes."""
+
+    def __init__(self, bus: SdBus | None = None) -> None:
+        self.bus = bus if bus is not None else sdbus.sd_bus_open_system()
+
+    def _send(self, message: SdBusMessage) -> SdBusMessage:
+        try:
+            return self.bus.call(message)
+        except (sdbus.DbusFailedError, sdbus.SdBusUnmappedMessageError) as e:
+            raise _error(e) from None
+
+    def acquire(self, devices: Sequence[str], **options: Any) -> Lease:
+        """Options: backend, managed, unsafe_noiommu, open_devices, owner_pidfd, label."""
+        message = _call(self.bus, MANAGER, "Acquire", "asa{sv}", list(devices), _options(**options))
+        return _acquired(self._send(message))
+
+    def release(self, lease: Lease | str) -> None:
+        self._send(_call(self.bus, MANAGER, "Release", "o", lease_path(lease)))
+
+    def check_access(self, devices: Sequence[str], **options: Any) -> list[Access]:
+        message = _call(
+            self.bus, MANAGER, "CheckAccess", "asa{sv}", list(devices), _options(**options)
+        )
+        return _accesses(self._send(message))
+
+    def reload_policy(self) -> None:
+        self._send(_call(self.bus, MANAGER, "ReloadPolicy"))
+
+    def inventory(self) -> Inventory:
+        reply = self._send(_call(self.bus, OBJECT_MANAGER, "GetManagedObjects"))
+        return _inventory(cast(Any, _value(reply)))
+
+    def manager_properties(self) -> dict[str, Any]:
+        reply = self._send(_call(self.bus, PROPERTIES, "GetAll", "s", MANAGER))
+        return _unwrap(_value(reply))
+
+    def map_dma(
+        self, lease: Lease | str, memfd: int, offset: int, size: int, iova: int | None
+    ) -> int:
+        """Map a memfd window for the lease's devices; iova None lets vfiod pick."""
+        options = {"allocate-iova": ("b", iova is None)}
+        message = _call(
+            self.bus,
+            LEASE,
+            "MapDma",
+            "httta{sv}",
+            memfd,
+            offset,
+            size,
+            iova or 0,
+            options,
+            path=lease_path(lease),
+        )
+        return int(_value(self._send(message)))
+
+    def unmap_dma(self, lease: Lease | str, iova: int, size: int) -> None:
+        self._send(_call(self.bus, LEASE, "UnmapDma", "tt", iova, size, path=lease_path(lease)))
+
+    def close(self) -> None:
+        self.bus.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client; the same calls, awaited, plus ``events()``."""
+
+    def __init__(self, bus: SdBus | None = None) -> None:
+        self.bus = bus if bus is not None else sdbus.sd_bus_open_system()
+
+    async def _send(self, message: SdBusMessage) -> SdBusMessage:
+        try:
+            return await self.bus.call_async(message)
+        except (sdbus.DbusFailedError, sdbus.SdBusUnmappedMessageError) as e:
+            raise _error(e) from None
+
+    async def acquire(self, devices: Sequence[str], **options: Any) -> Lease:
+        message = _call(self.bus, MANAGER, "Acquire", "asa{sv}", list(devices), _options(**options))
+        return _acquired(await self._send(message))
+
+    async def release(self, lease: Lease | str) -> None:
+        await self._send(_call(self.bus, MANAGER, "Release", "o", lease_path(lease)))
+
+    async def check_access(self, devices: Sequence[str], **options: Any) -> list[Access]:
+        message = _call(
+            self.bus, MANAGER, "CheckAccess", "asa{sv}", list(devices), _options(**options)
+        )
+        return _accesses(await self._send(message))
+
+    async def inventory(self) -> Inventory:
+        reply = await self._send(_call(self.bus, OBJECT_MANAGER, "GetManagedObjects"))
+        return _inventory(cast(Any, _value(reply)))
+
+    async def events(self) -> AsyncIterator[Event]:
+        """vfiod's announcements: objects added and removed, properties
+        changed, leases revoked, as they come."""
+        queue = _SignalQueue(self.bus)
+        async for message in queue:
+            member, path, body = message.member, message.path or "", message.get_contents()
+            if member == "InterfacesAdded":
+                added_path, interfaces = cast(Any, body)
+                props = {k: v for i in interfaces.values() for k, v in _unwrap(i).items()}
+                yield Event("added", added_path, props)
+            elif member == "InterfacesRemoved":
+                removed_path, _ = cast(Any, body)
+                yield Event("removed", removed_path, {})
+            elif member == "PropertiesChanged":
+                _iface, changed, _invalid = cast(Any, body)
+                yield Event("changed", path, _unwrap(changed))
+            elif member == "Revoked":
+                yield Event("revoked", path, {"reason": body})
+
+    def close(self) -> None:
+        self.bus.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _SignalQueue:
+    """Signals from vfiod, through one match rule on its bus name."""
+
+    def __init__(self, bus: SdBus) -> None:
+        self.bus = bus
+
+    async def __aiter__(self) -> AsyncIterator[SdBusMessage]:
+        queue: asyncio.Queue[SdBusMessage] = asyncio.Queue()
+        slot = await self.bus.match_signal_async(BUS_NAME, None, None, None, queue.put_nowait)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            del slot

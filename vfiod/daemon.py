@@ -1,0 +1,243 @@
+"""The daemon: the host, the broker and the bus on one asyncio loop.
+
+Start: policy, leases left by an earlier run (they drain), inventory scan,
+objects exported, bus name owned, then READY=1. Runs until SIGTERM/SIGINT;
+SIGHUP (``systemctl reload``) re-reads the policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from sdbus import sd_bus_open_system
+from sdbus.sd_bus_internals import SdBus
+
+from vfiod import notify
+from vfiod.broker import Broker
+from vfiod.bus.credentials import BusDriver, Callers
+from vfiod.bus.service import BusService
+from vfiod.host.binding import Binder, CriticalDevices, ModuleLoader, modprobe
+from vfiod.host.hwdb import HardwareDatabase
+from vfiod.host.sysfs import Sysfs
+from vfiod.host.watcher import Host, UEventMonitor
+from vfiod.policy.load import PolicyError, PolicyHolder
+from vfiod.state import STATE_PATH, StateFile
+from vfiod.vfio import Kernel, LinuxKernel
+
+log = logging.getLogger(__name__)
+
+BUS_NAME = "org.vfiod1"
+DRAIN_INTERVAL = 0.5  # seconds between checks whether draining groups are free
+CRITICAL_INTERVAL = 10.0  # seconds between rescans of host-critical devices
+
+
+class StartupError(Exception):
+    """vfiod cannot start; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class Parts:
+    """What the daemon runs on: the real host by default, a fake one in tests."""
+
+    sysfs: Sysfs = dataclasses.field(default_factory=Sysfs)
+    kernel: Kernel = dataclasses.field(default_factory=LinuxKernel)
+    state: StateFile = dataclasses.field(default_factory=lambda: StateFile(STATE_PATH))
+    policy_root: str = "/"
+    dev_vfio: str = "/dev/vfio"
+    proc: str = "/proc"
+    hwdb: bool = True  # describe devices from the udev hardware database
+    hotplug: bool = True  # follow uevents
+    load_module: ModuleLoader = modprobe
+    critical: Callable[[], CriticalDevices] | None = None  # None: scan the real host
+    open_bus: Callable[[], SdBus] = sd_bus_open_system
+
+
+def _process_start() -> float:
+    """When this process started, on the CLOCK_BOOTTIME scale (so "ready in"
+    counts the interpreter's start and imports too)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class LoopProcessWatcher:
+    """Process exits, from pidfds becoming readable on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def watch(self, pidfd: int, on_exit: Callable[[], None]) -> Callable[[], None]:
+        def exited() -> None:
+            self.loop.remove_reader(pidfd)
+            on_exit()
+
+        def stop() -> None:
+            self.loop.remove_reader(pidfd)
+
+        self.loop.add_reader(pidfd, exited)
+        return stop
+
+
+async def _every(seconds: float, action: Callable[[], object]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            action()
+        except Exception:
+            log.exception("bug: periodic %s failed", getattr(action, "__name__", action))
+
+
+class Daemon:
+    def __init__(self, parts: Parts) -> None:
+        self.parts = parts
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.hwdb: HardwareDatabase | None = None
+        self.monitor: UEventMonitor | None = None
+        self.bus: SdBus | None = None
+        self.service: BusService | None = None
+        self.broker: Broker | None = None
+        self.started = _process_start()
+
+    def _status(self, text: str) -> None:
+        notify.notify(f"STATUS={text}")
+
+    def build(self) -> Broker:
+        parts = self.parts
+        policy = PolicyHolder(parts.policy_root)
+        if policy.error is not None:
+            log.error(
+                "the policy has errors; vfiod denies everything until they are fixed: %s",
+                policy.error,
+            )
+        for warning in policy.warnings:
+            log.warning("policy: %s", warning)
+        self._status("scanning PCI devices")
+        binder = Binder(
+            parts.sysfs, parts.state, load_module=parts.load_module, critical=parts.critical
+        )
+        self.hwdb = HardwareDatabase() if parts.hwdb else None
+        if parts.hotplug:
+            # Listen before the scan, so nothing that changes during it is lost.
+            self.monitor = UEventMonitor()
+        host = Host(parts.sysfs, parts.state, self.hwdb)
+        self.broker = Broker(
+            host,
+            binder,
+            parts.kernel,
+            policy,
+            LoopProcessWatcher(asyncio.get_running_loop()),
+            dev_vfio=parts.dev_vfio,
+            proc=parts.proc,
+        )
+        self.broker.recover()
+        return self.broker
+
+    async def start(self) -> None:
+        broker = self.build()
+        self.bus = self.parts.open_bus()
+        driver = BusDriver.new_proxy("org.freedesktop.DBus", "/org/freedesktop/DBus", self.bus)
+        callers = Callers(driver, self.parts.proc)
+        self.service = BusService(broker, self.bus, callers)
+        self.service.export()
+        self.tasks.append(asyncio.create_task(self._watch_names(driver, callers)))
+        try:
+            await self.bus.request_name_async(BUS_NAME, 0)
+        except Exception as e:
+            raise StartupError(
+                f"cannot own {BUS_NAME} on the system bus ({e}): is another vfiod running, "
+                "is vfiod running as root, and is dbus/org.vfiod1.conf installed in "
+                "/usr/share/dbus-1/system.d?"
+            ) from e
+        self.tasks.append(asyncio.create_task(_every(DRAIN_INTERVAL, self._drain)))
+        self.tasks.append(
+            asyncio.create_task(_every(CRITICAL_INTERVAL, self.service.refresh_critical))
+        )
+        if self.monitor is not None:
+            self.tasks.append(asyncio.create_task(broker.host.run(self.monitor)))
+        interval = notify.watchdog_interval()
+        if interval is not None:
+            self.tasks.append(asyncio.create_task(_every(interval, self._keep_alive)))
+        inventory = broker.host.inventory
+        status = (
+            f"serving {len(inventory.devices)} PCI devices in {len(inventory.groups)} IOMMU "
+            f"groups; {len(broker.leases)} lease(s)"
+        )
+        started = time.clock_gettime(time.CLOCK_BOOTTIME) - self.started
+        log.info("ready %.2f s after start: %s", started, status)
+        notify.notify("READY=1", f"STATUS={status}")
+
+    def _drain(self) -> None:
+        assert self.broker is not None
+        if self.broker.draining:
+            self.broker.drain()
+
+    @staticmethod
+    def _keep_alive() -> None:
+        notify.notify("WATCHDOG=1")
+
+    async def _watch_names(self, driver: BusDriver, callers: Callers) -> None:
+        assert self.broker is not None
+        async for name, _old, new in driver.name_owner_changed.catch():
+            if name.startswith(":") and not new:
+                callers.forget(name)
+                self.broker.end_owner(name, f"its bus connection {name} closed")
+
+    def reload(self) -> None:
+        assert self.broker is not None
+        notify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            revoked = self.broker.reload_policy()
+        except PolicyError as e:
+            log.error("policy not reloaded, the previous one stays in force: %s", e)
+        else:
+            log.info("policy reloaded; %d lease(s) revoked", len(revoked))
+        notify.notify("READY=1", "STATUS=policy reloaded")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await self.start()
+            await self.stop.wait()
+        finally:
+            notify.notify("STOPPING=1", "STATUS=stopping: ending leases")
+            await self.close()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+
+    async def close(self) -> None:
+        if self.broker is not None:
+            self.broker.shutdown()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.tasks.clear()
+        if self.service is not None:
+            self.service.close()
+        if self.bus is not None:
+            self.bus.close()
+        if self.monitor is not None:
+            self.monitor.close()
+        if self.hwdb is not None:
+            self.hwdb.close()
+
+
+def run(parts: Parts, main: Callable[[Daemon], Coroutine[Any, Any, None]] | None = None) -> None:
+    daemon = Daemon(parts)
+    asyncio.run(main(daemon) if main is not None else daemon.run())
