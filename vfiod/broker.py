@@ -695,11 +695,10 @@ class Broker:
         iommufd = IommuFd.open(self.kernel)
         lease.handles.append(iommufd)
         fds["iommufd"] = os.dup(iommufd.fileno())
+        # No group fd here: Linux refuses to bind a cdev (EBUSY) while its
+        # group is open the legacy way. Once the VMM binds, the kernel keeps
+        # the group from being opened; until then the node is root-only.
         for info in lease.groups:
-            # vfiod holds the group node too, so no one else can open the
-            # group the legacy way while the client uses the cdevs.
-            group = Group.open(self.kernel, info.node_name, dev_dir=self.dev_vfio)
-            lease.handles.append(group)
             for member in self._vfio_members(info):
                 path = cdev_path(member.address, sysfs=self.binder.sysfs.root)
                 with CdevDevice.open(self.kernel, path, str(member.address)) as cdev:

@@ -339,14 +339,23 @@ def test_owner_gone_ends_its_leases(world: World) -> None:
 
 def test_iommufd_backend_hands_out_unbound_cdevs(world: World) -> None:
     grant = world.acquire(backend=Backend.IOMMUFD)
+    kernel = world.host.kernel
     try:
         assert sorted(grant.fds) == ["device:0000:00:10.0", "iommufd"]
-        nodes = set(world.host.kernel.open_nodes().values())
+        nodes = set(kernel.open_nodes().values())
         assert "/dev/iommu" in nodes
-        assert "/dev/vfio/10" in nodes, "vfiod holds the group so nobody opens it legacy-style"
-        assert any(n.startswith("/dev/vfio/devices/vfio") for n in nodes)
+        assert "/dev/vfio/10" not in nodes, "an open group would keep the cdev from binding"
+        # What the VMM does with them: bind, allocate an IOAS, attach.
+        device, iommufd = grant.fds["device:0000:00:10.0"], grant.fds["iommufd"]
+        assert kernel.device_bind_iommufd(device, iommufd) > 0
+        kernel.device_attach_iommufd_pt(device, kernel.ioas_alloc(iommufd))
+        world.broker.release(grant.lease.id, ALICE)
+        assert grant.lease.state is LeaseState.DRAINING, "the bound cdev holds the group"
+        assert world.host.sysfs.driver(NIC) == "vfio-pci"
     finally:
         close_all(grant.fds)
+    assert world.broker.drain() == [grant.lease]
+    assert world.host.sysfs.driver(NIC) == "e1000e"
 
 
 def test_open_devices_false_returns_no_device_fds(world: World) -> None:

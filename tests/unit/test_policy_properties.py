@@ -449,6 +449,14 @@ class GeneratedRule:
     problems: set[str]  # keys the loader must name
 
 
+def _valid(value: Value) -> bool:
+    return value.valid
+
+
+def _invalid(value: Value) -> bool:
+    return not value.valid
+
+
 def expected_problems(effect: str, values: dict[str, Value], written: set[str]) -> set[str]:
     """The keys the loader must name for a rule written with these values."""
     keys = set(values)
@@ -484,10 +492,10 @@ def generated_rule(draw: st.DrawFn, name: str, first_line: int) -> GeneratedRule
         keys.add(draw(st.sampled_from(CALLER_KEYS)))
     if effect == "deny" and draw(st.integers(0, 5)):
         keys -= set(GRANT_KEYS)
-    values = {
-        k: draw(KEY_VALUES[k].filter(lambda v, bad=not draw(st.integers(0, 19)): v.valid != bad))
-        for k in sorted(keys)
-    }
+    values = {}
+    for key in sorted(keys):
+        wanted = _invalid if not draw(st.integers(0, 19)) else _valid
+        values[key] = draw(KEY_VALUES[key].filter(wanted))
     unknown = None
     if not draw(st.integers(0, 14)):
         unknown = draw(st.sampled_from(["vendr", "max_leases", "grants", "x"]))

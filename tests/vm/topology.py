@@ -95,7 +95,11 @@ class Boot:
 GUEST_DIR = "tests/vm/guest"
 
 BOOTS = (
-    Boot(KernelKind.STOCK, IOMMU, ("test_legacy.py", "test_host.py")),
-    Boot(KernelKind.TEST, IOMMU, ("test_legacy.py", "test_iommufd.py", "test_vmm.py")),
-    Boot(KernelKind.TEST, NOIOMMU, ("test_noiommu.py",)),
+    Boot(KernelKind.STOCK, IOMMU, ("test_legacy.py", "test_host.py", "test_broker.py")),
+    Boot(
+        KernelKind.TEST,
+        IOMMU,
+        ("test_legacy.py", "test_iommufd.py", "test_vmm.py", "test_broker_iommufd.py"),
+    ),
+    Boot(KernelKind.TEST, NOIOMMU, ("test_noiommu.py", "test_broker_noiommu.py")),
 )

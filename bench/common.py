@@ -1,0 +1,119 @@
+"""What the broker benchmarks share: a private system bus in a fresh
+directory, the policy they run under, and ways to look at the daemon process
+(its fds, its memory, when it said it was ready).
+
+The directory is on /dev/shm when there is one: vfiod keeps its state file
+in /run, a tmpfs on every systemd host, and the fake host keeps it in the
+benchmark's directory, so a tmpfs there makes each state write (and its
+fsync) cost what it costs in production rather than what the disk under
+/tmp costs.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench.bus_baseline import percentile
+from tests.bus import PrivateBus, require_tools, start_private_bus
+from tests.bus.vfiod import VfiodProcess
+
+# Every device to nobody, without managed binding: the scale hosts start
+# with every device on vfio-pci, so each acquire is a warm one.
+POLICY = """
+[[rule]]
+name = "bench-nobody"
+effect = "allow"
+address = "*"
+users = ["nobody"]
+"""
+
+SHM = Path("/dev/shm")
+_READY = re.compile(r"ready ([0-9.]+) s after start")
+
+
+@contextlib.contextmanager
+def bench_bus() -> Iterator[tuple[PrivateBus, Path]]:
+    """A private system bus and a fresh directory (0700, removed afterwards)
+    for the daemon's files; see the module docstring for where."""
+    require_tools()
+    parent = str(SHM) if SHM.is_dir() and os.access(SHM, os.W_OK) else None
+    with (
+        tempfile.TemporaryDirectory(prefix="vfiod-bench-", dir=parent) as name,
+        start_private_bus(Path(name) / "bus") as bus,
+    ):
+        yield bus, Path(name)
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in bytes."""
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                number, unit = value.split()
+                assert unit == "kB", line
+                found[key] = int(number) * 1024
+    return found
+
+
+def settled_fds(daemon: VfiodProcess, timeout: float = 5.0) -> list[str]:
+    """The daemon's fds once two looks 50 ms apart agree (right after READY
+    it may still hold a transient one)."""
+    deadline = time.monotonic() + timeout
+    last = daemon.fds()
+    while True:
+        time.sleep(0.05)
+        now = daemon.fds()
+        if sorted(now) == sorted(last) or time.monotonic() > deadline:
+            return now
+        last = now
+
+
+def leaked_fds(daemon: VfiodProcess, before: list[str], timeout: float = 3.0) -> list[str]:
+    """What the daemon holds now beyond the fds it held `before`: empty
+    unless it holds more of them, after giving draining leases `timeout`
+    seconds (the daemon rechecks them every 0.5 s) to be freed. A socket
+    closed and another opened is no leak: only the count decides, and the
+    entries returned are those not in `before`, to say what they are."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = daemon.fds()
+        extra = collections.Counter(after) - collections.Counter(before)
+        if len(after) <= len(before) or time.monotonic() > deadline:
+            return sorted(extra.elements()) if len(after) > len(before) else []
+        time.sleep(0.1)
+
+
+def ready_after_start(daemon: VfiodProcess) -> float | None:
+    """What the daemon logged as its start time ("ready X s after start":
+    from its process start, by /proc ticks, to READY=1)."""
+    found = _READY.search(daemon.log())
+    return float(found.group(1)) if found else None
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} us"
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms"
+
+
+def mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+def p50(times: list[float]) -> float:
+    return percentile(times, 0.5)
+
+
+def p90(times: list[float]) -> float:
+    return percentile(times, 0.9)

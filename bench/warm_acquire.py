@@ -1,0 +1,161 @@
+"""Warm acquire: Acquire + Release of a ready device, against the bare D-Bus
+call returning one fd (bench.bus_baseline), on the same private system bus in
+the same run.
+
+vfiod runs as root in its own process on a fake host of ``scale:N`` (every
+device already on vfio-pci, two functions per IOMMU group: no binding, the
+reply carries the container, the group and both device fds). The client is
+the realistic one: the project's blocking ``vfiod.client.Client`` in a
+process of its own as uid 65534. Each cycle acquires the next group in turn,
+closes the fds, releases. The baseline's calls are timed half before and
+half after vfiod's, and pooled, so a change in the machine's load during the
+run weighs on both.
+
+Ratio: the p50 of a whole cycle (Acquire + Release, two round trips) over
+the p50 of one bare call; target <= 2.0 (DESIGN.md section 8). The ratio of
+each call to the bare call is printed too.
+
+    python -m bench.warm_acquire [--cycles N] [--devices N] [--backend legacy|iommufd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from bench.bus_baseline import time_fd_calls_as
+from bench.common import POLICY, bench_bus, p50, p90, us
+from tests.bus import NOBODY
+from tests.bus.vfiod import Clients, run_vfiod
+from tests.fakehost import scale_address
+
+WARMUP = 20
+TARGET_RATIO = 2.0
+
+# After the CLIENT prelude (tests.bus.vfiod): `vfiod` is a blocking Client.
+_CYCLES = """\
+count, warmup, backend = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+devices = sys.argv[4:]
+clock = time.perf_counter
+acquire, release, fds = [], [], []
+for i in range(warmup + count):
+    start = clock()
+    lease = vfiod.acquire([devices[i % len(devices)]], backend=backend)
+    granted = clock()
+    fds = sorted(name.split(":")[0] for name in lease.fds)
+    lease.close()
+    closed = clock()
+    vfiod.release(lease)
+    released = clock()
+    if i >= warmup:
+        acquire.append(granted - start)
+        release.append(released - closed)
+say({"acquire": acquire, "release": release, "fds": fds})
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+    devices: int
+    backend: str
+    fds: list[str]  # what one reply carried, by kind
+    baseline: list[float]  # seconds of each bare call
+    acquire: list[float]
+    release: list[float]
+
+    @property
+    def cycle(self) -> list[float]:
+        return [a + r for a, r in zip(self.acquire, self.release, strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        return p50(self.cycle) / p50(self.baseline)
+
+
+def run(cycles: int = 2000, devices: int = 64, backend: str = "legacy") -> Figures:
+    """Time `cycles` Acquire + Release cycles on a scale:`devices` host, and
+    as many bare fd calls."""
+    if cycles < 4:
+        raise ValueError("cycles: at least 4 (each half of the baseline needs two)")
+    if devices < 2 or devices % 2:
+        raise ValueError("devices: an even number, at least 2 (two functions per group)")
+    first_functions = [str(scale_address(i)) for i in range(0, devices, 2)]
+    with bench_bus() as (bus, directory):
+        baseline = time_fd_calls_as(bus, cycles // 2, uid=NOBODY)
+        with run_vfiod(bus, directory / "vfiod", POLICY, f"scale:{devices}"):
+            timeout = 60 + cycles * 0.05
+            result = Clients(bus).run(
+                _CYCLES, str(cycles), str(WARMUP), backend, *first_functions, timeout=timeout
+            )
+        baseline += time_fd_calls_as(bus, cycles - cycles // 2, uid=NOBODY)
+    return Figures(
+        devices=devices,
+        backend=backend,
+        fds=list(result["fds"]),
+        baseline=baseline,
+        acquire=[float(t) for t in result["acquire"]],
+        release=[float(t) for t in result["release"]],
+    )
+
+
+def _line(label: str, times: list[float], baseline: list[float] | None = None) -> str:
+    text = f"  {label:<26} {len(times):5} x  p50 {us(p50(times)):>8}  p90 {us(p90(times)):>8}"
+    if baseline is not None:
+        text += f"  ({p50(times) / p50(baseline):.1f} x the bare call)"
+    return text
+
+
+def report(f: Figures) -> str:
+    verdict = "met" if f.ratio <= TARGET_RATIO else "MISSED"
+    return "\n".join(
+        [
+            f"warm acquire: scale:{f.devices} fake host ({f.devices // 2} groups), "
+            f"backend {f.backend}, client uid {NOBODY} (blocking Client, own process); "
+            f"a reply carries {len(f.fds)} fds ({', '.join(f.fds)})",
+            _line("bare call returning 1 fd", f.baseline),
+            _line("Acquire", f.acquire, f.baseline),
+            _line("Release", f.release, f.baseline),
+            _line("Acquire + Release", f.cycle, f.baseline),
+            f"  ratio (p50 Acquire + Release / p50 bare call): {f.ratio:.2f}; "
+            f"target <= {TARGET_RATIO}: {verdict}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.warm_acquire", description=__doc__)
+    parser.add_argument("--cycles", type=int, default=2000, help="timed cycles")
+    parser.add_argument("--devices", type=int, default=64, help="devices of the fake host")
+    parser.add_argument("--backend", choices=("legacy", "iommufd"), default="legacy")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    figures = run(args.cycles, args.devices, args.backend)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "devices": figures.devices,
+                    "backend": figures.backend,
+                    "fds": figures.fds,
+                    **{
+                        f"{name}_{q}_s": f(times)
+                        for name, times in (
+                            ("baseline", figures.baseline),
+                            ("acquire", figures.acquire),
+                            ("release", figures.release),
+                            ("cycle", figures.cycle),
+                        )
+                        for q, f in (("p50", p50), ("p90", p90))
+                    },
+                    "ratio_p50": figures.ratio,
+                }
+            )
+        )
+    else:
+        print(report(figures))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

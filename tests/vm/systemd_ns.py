@@ -1,0 +1,737 @@
+"""Real systemd as PID 1 of a private namespace, for tests inside the test VM.
+
+`SystemdNamespace` runs `/lib/systemd/systemd --system` in new PID, mount,
+UTS and cgroup namespaces (`unshare`), with its own /run and /tmp (tmpfs),
+so it brings up its own journald and dbus-daemon (the namespace's system
+bus) without touching the machine's. Units go to /run/systemd/system;
+other files (bus policy, activation files) are put in place through
+overlays that exist only in the namespace's mount namespace, so the
+machine's own files never change. /etc and /var are overlaid as a whole:
+whatever the namespace's services write there stays in the namespace.
+
+    with SystemdNamespace(units={"x.service": UNIT}, files={path: text}) as ns:
+        ns.systemctl("start", "x.service")
+        ns.run(["busctl", "list"])
+        ns.journal("MESSAGE_ID=...")
+
+It boots its own target (`vfiod-test.target`: sysinit, the journal and the
+system bus, no basic.target, so no timers and nothing from
+multi-user.target) and masks what would act on the machine outside the
+namespace (the clock, sysctls, kernel modules, binfmt, /dev, pstore) or
+only costs time there (pseudo file system mounts, the journal flush). The
+namespace uses the machine's udev: its /run/udev is the machine's, bound in,
+and its own systemd-udevd is masked (two udevds would both act on every
+kernel event, and every udev event would reach listeners twice).
+
+systemd's console (its status lines and its log until journald is up) is
+`console.log` in the work directory: /dev/console is a FIFO there in the
+namespace, drained by a `cat` outside it.
+
+The start-up notification helpers at the end (`notify`, `listen_fds`,
+`journal_send`) use only the standard library; a test service run by this
+systemd uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Self, TypeVar
+
+T = TypeVar("T")
+
+SYSTEMD = "/lib/systemd/systemd"
+UNIT_DIR = "/run/systemd/system"
+TARGET = "vfiod-test.target"
+CONTAINER = "vfiod-test"  # $container: systemd runs in container mode
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+BOOT_TIMEOUT = 180.0  # seconds from unshare to `running`, under QEMU TCG
+STOP_TIMEOUT = 60.0  # seconds for `systemctl poweroff` to end the namespace
+COMMAND_TIMEOUT = 60.0  # seconds for one command in the namespace
+POLL_INTERVAL = 0.2
+
+TARGET_UNIT = """\
+[Unit]
+Description=vfiod test namespace: the journal and the system bus
+Requires=sysinit.target dbus.socket
+Wants=dbus.service
+After=sysinit.target dbus.socket dbus.service
+AllowIsolate=yes
+"""
+
+JOURNALD_CONF = """\
+[Journal]
+# In /run only, and without the machine's kernel log.
+Storage=volatile
+ReadKMsg=no
+"""
+
+# Masked in every namespace, and why.
+MASKED = {
+    # They act on the whole machine, not on the namespace.
+    "systemd-timesyncd.service": "sets the clock",
+    "systemd-sysctl.service": "sets kernel parameters",
+    "systemd-modules-load.service": "loads kernel modules",
+    "modprobe@.service": "loads kernel modules",
+    "systemd-binfmt.service": "registers binary formats",
+    "proc-sys-fs-binfmt_misc.automount": "binfmt_misc",
+    "proc-sys-fs-binfmt_misc.mount": "binfmt_misc",
+    "kmod-static-nodes.service": "creates nodes in the shared /dev",
+    "systemd-tmpfiles-setup-dev.service": "creates nodes in the shared /dev",
+    "systemd-pstore.service": "empties the kernel's pstore",
+    "systemd-random-seed.service": "feeds the kernel's random pool",
+    # Irrelevant in the namespace, and each costs time under TCG.
+    "systemd-journal-flush.service": "the journal stays in /run",
+    "systemd-remount-fs.service": "no fstab",
+    "dev-hugepages.mount": "not needed",
+    "dev-mqueue.mount": "not needed",
+    "sys-fs-fuse-connections.mount": "not needed",
+    "sys-kernel-config.mount": "not needed",
+    "sys-kernel-debug.mount": "not needed",
+    "sys-kernel-tracing.mount": "not needed",
+    "systemd-ask-password-console.path": "nobody answers",
+    "systemd-update-utmp.service": "no logins",
+}
+# Masked when the namespace uses the machine's udev (the default).
+UDEV_UNITS = (
+    "systemd-udevd.service",
+    "systemd-udevd-control.socket",
+    "systemd-udevd-kernel.socket",
+    "systemd-udev-trigger.service",
+    "systemd-udev-settle.service",
+)
+# Overlaid as a whole: writes by the namespace's services stay in it.
+OVERLAID = ("/etc", "/var")
+TMPFS = ("/run", "/tmp")  # fresh and empty in the namespace
+
+NSENTER = ("nsenter", "--all")
+# For commands run in the namespace: no pager, no colour, no terminal tricks.
+COMMAND_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "SYSTEMD_PAGER": "",
+    "SYSTEMD_COLORS": "0",
+    "TERM": "dumb",
+}
+
+JournalEntry = dict[str, str]
+
+
+class SystemdNamespaceError(RuntimeError):
+    """systemd in the namespace did not do what was asked; the message says
+    what and carries `systemctl --failed`, the journal tail and the console."""
+
+
+def _is_under(path: PurePosixPath, roots: Iterable[str]) -> bool:
+    return any(path == PurePosixPath(r) or PurePosixPath(r) in path.parents for r in roots)
+
+
+def _overlays_for(paths: Iterable[str]) -> list[str]:
+    """The directories to overlay so that every path in `paths` can be
+    written: /etc and /var always, otherwise each path's nearest existing
+    directory, unless it lies in a tmpfs or an overlay already."""
+    chosen: list[str] = list(OVERLAID)
+    for raw in sorted(paths):
+        path = PurePosixPath(raw)
+        if not path.is_absolute() or ".." in path.parts:
+            raise ValueError(f"not an absolute, normal path: {raw!r}")
+        if _is_under(path, (*TMPFS, *chosen)):
+            continue
+        directory = path.parent
+        while not os.path.isdir(directory):
+            directory = directory.parent
+        if directory == PurePosixPath("/"):
+            raise ValueError(f"{raw}: would need an overlay over / itself")
+        chosen = [c for c in chosen if not _is_under(PurePosixPath(c), [str(directory)])]
+        chosen.append(str(directory))
+    for overlaid in chosen:
+        if any(c in overlaid for c in ",:\\\n "):
+            raise ValueError(f"cannot overlay {overlaid!r}: overlayfs options cannot hold it")
+    return chosen
+
+
+def _systemd_pid_of(unshare_pid: int) -> int | None:
+    """The child of `unshare --fork`: PID 1 of the new PID namespace (found
+    through /proc/*/stat, as kernels without CONFIG_PROC_CHILDREN have no
+    /proc/PID/task/TID/children)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        if ppid == unshare_pid:
+            return int(name)
+    return None
+
+
+def _mounts() -> list[str]:
+    """This mount namespace's mounts, for the check that none were left."""
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return sorted(" ".join(line.split()[3:5]) for line in lines)
+
+
+def _journal_value(value: object) -> str:
+    """A field of `journalctl --output=json`: a string, a list of byte
+    values (binary data), a list of strings (a field given more than once:
+    the first), or null (too large)."""
+    if isinstance(value, list):
+        if value and isinstance(value[0], str):
+            return value[0]
+        return bytes(value).decode(errors="replace")
+    return "" if value is None else str(value)
+
+
+class SystemdNamespace:
+    """systemd as PID 1 of private namespaces; a context manager.
+
+    `units` maps unit file names (or drop-in paths such as
+    "x.service.d/y.conf") to their text, installed in /run/systemd/system;
+    `files` maps absolute paths in the namespace to their text (mode 0644);
+    `mask` names more units to mask. `share_udev=False` keeps the machine's
+    /run/udev out and lets the namespace run its own systemd-udevd (without
+    the coldplug trigger). `workdir` (kept) holds the staged files and
+    console.log; without it a temporary directory is used and removed.
+    """
+
+    def __init__(
+        self,
+        units: Mapping[str, str] | None = None,
+        files: Mapping[str, str | bytes] | None = None,
+        *,
+        mask: Iterable[str] = (),
+        target: str | None = None,
+        share_udev: bool = True,
+        workdir: Path | None = None,
+        progress: Callable[[str], None] = lambda line: None,
+        boot_timeout: float = BOOT_TIMEOUT,
+        stop_timeout: float = STOP_TIMEOUT,
+    ) -> None:
+        self.units = dict(units or {})
+        self.files = dict(files or {})
+        self.mask = set(mask) | set(MASKED) | (set(UDEV_UNITS) if share_udev else set())
+        self.mask.add("systemd-udev-trigger.service")  # never re-add every device
+        self.target = target or TARGET
+        self.share_udev = share_udev
+        self.progress = progress
+        self.boot_timeout = boot_timeout
+        self.stop_timeout = stop_timeout
+        self._keep_workdir = workdir is not None
+        self._workdir_arg = workdir
+        self.workdir = Path("/nonexistent")
+        self._process: subprocess.Popen[bytes] | None = None
+        self._console: subprocess.Popen[bytes] | None = None
+        self._cgroup: Path | None = None
+        self._pid = 0
+        self._mounts_before: list[str] = []
+        self.boot_seconds = 0.0
+
+    # -- life cycle
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        """systemd's PID as seen from outside the namespace."""
+        if not self._pid:
+            raise SystemdNamespaceError("systemd is not running")
+        return self._pid
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+    def start(self) -> None:
+        if self._process is not None:
+            raise SystemdNamespaceError("already started")
+        self._mounts_before = _mounts()
+        if self._workdir_arg is not None:
+            self._workdir_arg.mkdir(parents=True, exist_ok=True)
+            self.workdir = self._workdir_arg
+        else:
+            self.workdir = Path(tempfile.mkdtemp(prefix="vfiod-systemd-ns-"))
+        started = time.monotonic()
+        try:
+            self._launch()
+            self.progress(f"[systemd-ns] systemd is PID {self._pid} outside, waiting for it")
+            self._wait_running(started + self.boot_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.boot_seconds = time.monotonic() - started
+        self.progress(f"[systemd-ns] running after {self.boot_seconds:.1f} s")
+
+    def _stage(self) -> Path:
+        """Write the files and the setup script; the script's path."""
+        files: dict[str, str | bytes] = {
+            f"{UNIT_DIR}/{self.target}": TARGET_UNIT,
+            "/run/systemd/journald.conf.d/50-vfiod-test.conf": JOURNALD_CONF,
+        }
+        files.update({f"{UNIT_DIR}/{name}": text for name, text in self.units.items()})
+        files.update(self.files)
+        overlays = _overlays_for(files)
+        staged = self.workdir / "files"
+        staged.mkdir()
+        q = shlex.quote
+        lines = [
+            "set -eu",
+            f"cd {q(str(self.workdir))}",
+            "# systemd's console is the FIFO that the harness drains",
+            "mount --no-canonicalize --bind console /dev/console",
+            "mount -t tmpfs -o mode=0700 vfiod-ns-overlays overlays",
+        ]
+        for i, directory in enumerate(overlays):
+            upper, work = f"{self.workdir}/overlays/{i}/upper", f"{self.workdir}/overlays/{i}/work"
+            lines.append(f"mkdir -p {q(upper)} {q(work)}")
+            options = f"lowerdir={directory},upperdir={upper},workdir={work}"
+            lines.append(f"mount -t overlay vfiod-ns-overlay -o {q(options)} {q(directory)}")
+        if self.share_udev:
+            lines.append("if [ -d /run/udev ]; then mkdir udev; mount --bind /run/udev udev; fi")
+        lines.append("mount -t tmpfs -o mode=0755,nosuid,nodev vfiod-ns-run /run")
+        lines.append("mount -t tmpfs -o mode=1777,nosuid,nodev vfiod-ns-tmp /tmp")
+        if self.share_udev:
+            lines.append(
+                "if [ -d udev ]; then mkdir /run/udev; "
+                "mount --no-canonicalize --move udev /run/udev; fi"
+            )
+        for i, (path, content) in enumerate(sorted(files.items())):
+            source = staged / str(i)
+            if isinstance(content, str):
+                source.write_text(content)
+            else:
+                source.write_bytes(content)
+            parent = str(PurePosixPath(path).parent)
+            lines.append(f"mkdir -p {q(parent)}")
+            lines.append(f"cp files/{i} {q(path)}")
+            lines.append(f"chmod 0644 {q(path)}")
+        lines.append(f"mkdir -p {UNIT_DIR}")
+        lines += [f"ln -s /dev/null {UNIT_DIR}/{q(unit)}" for unit in sorted(self.mask)]
+        environment = f"container={CONTAINER} PATH={COMMAND_ENV['PATH']} LANG=C.UTF-8"
+        arguments = f"--system --unit={q(self.target)} --log-target=journal --log-color=no"
+        lines += ["cd /", f"exec env -i {environment} {SYSTEMD} {arguments}"]
+        script = self.workdir / "setup.sh"
+        script.write_text("\n".join(lines) + "\n")
+        return script
+
+    def _make_cgroup(self) -> Path | None:
+        """A cgroup of its own, to become the root of the namespace's cgroup
+        namespace (so systemd does not share its root with the machine's
+        processes), and to kill everything in it if all else fails."""
+        if not (CGROUP_ROOT / "cgroup.procs").exists() or not os.access(CGROUP_ROOT, os.W_OK):
+            return None  # no cgroup2 at /sys/fs/cgroup: systemd gets what there is
+        for n in range(100):
+            candidate = CGROUP_ROOT / f"vfiod-test-ns-{os.getpid()}-{n}"
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            return candidate
+        raise SystemdNamespaceError("could not make a cgroup for the namespace")
+
+    def _launch(self) -> None:
+        script = self._stage()
+        fifo = self.workdir / "console"
+        os.mkfifo(fifo, 0o600)
+        # Opened read-write, the FIFO never reports end of file: systemd
+        # opens and closes the console for every status line.
+        reader = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            with open(self.console_log, "ab") as log:
+                self._console = subprocess.Popen(["cat"], stdin=reader, stdout=log)
+        finally:
+            os.close(reader)
+        writer = os.open(fifo, os.O_WRONLY | os.O_CLOEXEC)
+        self._cgroup = self._make_cgroup()
+        unshare = [
+            "unshare",
+            "--fork",
+            "--kill-child",
+            "--pid",
+            "--mount",
+            "--mount-proc",
+            "--uts",
+            "--cgroup",
+            "--propagation",
+            "private",
+            "sh",
+            str(script),
+        ]
+        # Into the new cgroup first, so it becomes the cgroup namespace's root.
+        enter = 'echo $$ > "$0" && exec "$@"' if self._cgroup else 'exec "$@"'
+        where = str(self._cgroup / "cgroup.procs") if self._cgroup else "sh"
+        self.progress("[systemd-ns] starting systemd in private namespaces")
+        try:
+            self._process = subprocess.Popen(
+                ["sh", "-c", enter, where, *unshare],
+                stdin=subprocess.DEVNULL,
+                stdout=writer,
+                stderr=subprocess.STDOUT,
+                env=COMMAND_ENV,
+            )
+        finally:
+            os.close(writer)
+        deadline = time.monotonic() + 30
+        while True:
+            if self._process.poll() is not None:
+                raise self._error(f"the namespace ended at once (exit {self._process.returncode})")
+            pid = _systemd_pid_of(self._process.pid)
+            if pid is not None:
+                self._pid = pid
+                return
+            if time.monotonic() > deadline:
+                raise self._error("unshare started no child in 30 s")
+            time.sleep(0.05)
+
+    def _wait_running(self, deadline: float) -> None:
+        private = self.path("/run/systemd/private")
+        self.wait_for(
+            "systemd's private socket /run/systemd/private",
+            lambda: private.exists() or None,
+            timeout=deadline - time.monotonic(),
+        )
+        left = max(deadline - time.monotonic(), 1.0)
+        try:
+            result = self.systemctl("is-system-running", "--wait", check=False, timeout=left)
+        except subprocess.TimeoutExpired:
+            message = f"systemd did not finish starting in {self.boot_timeout:g} s"
+            raise self._error(message) from None
+        state = result.stdout.strip()
+        if state != "running":
+            raise self._error(f"systemd started up {state!r}, not 'running'")
+
+    def stop(self) -> None:
+        """Power the namespace off (kill it if it does not end), remove its
+        cgroup and work directory, and check that nothing was left."""
+        problems: list[str] = []
+        process = self._process
+        if process is not None and process.poll() is None and self._pid:
+            stopped = time.monotonic()
+            self.progress("[systemd-ns] powering off")
+            with contextlib.suppress(subprocess.SubprocessError, SystemdNamespaceError):
+                self.systemctl("poweroff", "--no-block", check=False, timeout=30)
+            try:
+                process.wait(self.stop_timeout)
+                self.progress(f"[systemd-ns] off after {time.monotonic() - stopped:.1f} s")
+            except subprocess.TimeoutExpired:
+                problems.append(f"systemctl poweroff did not end it in {self.stop_timeout:g} s")
+        if process is not None and process.poll() is None:
+            self._kill_all()
+            process.kill()
+            process.wait()
+        self._process = None
+        self._pid = 0
+        if self._cgroup is not None:
+            problems += self._remove_cgroup(self._cgroup)
+            self._cgroup = None
+        console, self._console = self._console, None
+        if console is not None:
+            console.kill()
+            console.wait()
+        left = sorted(set(_mounts()) - set(self._mounts_before)) if self._mounts_before else []
+        if left:
+            problems.append(f"mounts left behind: {left}")
+        if problems:
+            tail = self._console_tail()
+            if not self._keep_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise SystemdNamespaceError("; ".join(problems) + tail)
+        if not self._keep_workdir and self.workdir.exists():
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _kill_all(self) -> None:
+        if self._cgroup is not None:
+            with contextlib.suppress(OSError):
+                (self._cgroup / "cgroup.kill").write_text("1")
+        if self._pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+
+    def _remove_cgroup(self, cgroup: Path) -> list[str]:
+        """Remove the cgroup tree (deepest first); what could not be."""
+        deadline = time.monotonic() + 10
+        while True:
+            leftover = [p for p in (cgroup.rglob("cgroup.procs")) if p.read_text().strip()]
+            if not leftover:
+                break
+            if time.monotonic() > deadline:
+                return [f"processes left in {[str(p.parent) for p in leftover]}"]
+            with contextlib.suppress(OSError):
+                (cgroup / "cgroup.kill").write_text("1")
+            time.sleep(0.1)
+        directories = sorted(
+            (p for p in cgroup.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)
+        )
+        try:
+            for directory in [*directories, cgroup]:
+                directory.rmdir()
+        except OSError as e:
+            return [f"cannot remove cgroup {e.filename}: {e.strerror}"]
+        return []
+
+    # -- commands in the namespace
+
+    def path(self, path: str) -> Path:
+        """A path in the namespace, as reached from outside it."""
+        return Path(f"/proc/{self.pid}/root") / path.lstrip("/")
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = COMMAND_TIMEOUT,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `argv` in every namespace of systemd (and its root), as root.
+        With `check`, a non-zero exit raises SystemdNamespaceError."""
+        result = subprocess.run(
+            [*NSENTER, f"--target={self.pid}", "--", *argv],
+            input=input,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            check=False,
+            timeout=timeout,
+            env={**COMMAND_ENV, **(env or {})},
+        )
+        if check and result.returncode != 0:
+            raise self._error(
+                f"{shlex.join(argv)} exited with {result.returncode}\n"
+                f"--- stdout\n{result.stdout}--- stderr\n{result.stderr}"
+            )
+        return result
+
+    def systemctl(
+        self, *args: str, check: bool = True, timeout: float = COMMAND_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        argv = ["systemctl", "--no-pager", "--no-ask-password", *args]
+        return self.run(argv, check=check, timeout=timeout)
+
+    def show(self, unit: str, *properties: str) -> dict[str, str]:
+        """`systemctl show` of `unit`: the properties asked for (all without)."""
+        args = ["show", unit]
+        if properties:
+            args.append("--property=" + ",".join(properties))
+        output = self.systemctl(*args).stdout
+        return dict(line.partition("=")[::2] for line in output.splitlines() if "=" in line)
+
+    def wait_for(self, what: str, probe: Callable[[], T | None], timeout: float) -> T:
+        """Poll `probe` until it returns something other than None; raise
+        naming `what` when `timeout` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = probe()
+            if value is not None:
+                return value
+            if time.monotonic() > deadline:
+                raise self._error(f"{what}: not there after {timeout:g} s")
+            if self._process is not None and self._process.poll() is not None:
+                raise self._error(f"{what}: the namespace ended (exit {self._process.returncode})")
+            time.sleep(POLL_INTERVAL)
+
+    def wait_unit(
+        self,
+        unit: str,
+        *,
+        active: str = "active",
+        sub: str | None = "running",
+        where: Callable[[dict[str, str]], bool] = lambda props: True,
+        timeout: float = COMMAND_TIMEOUT,
+    ) -> dict[str, str]:
+        """Wait until `unit` is in ActiveState `active` (and SubState `sub`)
+        and `where` holds of its properties; they are returned. A unit that
+        fails on the way raises at once."""
+        names = ("ActiveState", "SubState", "MainPID", "NRestarts", "Result", "ExecMainStatus")
+
+        def probe() -> dict[str, str] | None:
+            props = self.show(unit, *names)
+            if props["ActiveState"] == "failed" and active != "failed":
+                raise self._error(f"{unit} failed: {props}")
+            ok = props["ActiveState"] == active and sub in (None, props["SubState"])
+            return props if ok and where(props) else None
+
+        state = f"ActiveState={active}" + (f" SubState={sub}" if sub else "")
+        return self.wait_for(f"{unit} in {state}", probe, timeout)
+
+    def main_pid(self, unit: str) -> int:
+        """The unit's main PID, in the namespace's numbering (0: none)."""
+        return int(self.show(unit, "MainPID")["MainPID"])
+
+    def journal(self, *matches: str, unit: str | None = None) -> list[JournalEntry]:
+        """Journal entries matching every `FIELD=value` of `matches` (and of
+        `unit`), oldest first; binary values come back decoded."""
+        argv = ["journalctl", "--no-pager", "--output=json"]
+        if unit is not None:
+            argv.append(f"--unit={unit}")
+        result = self.run([*argv, *matches])
+        entries: list[JournalEntry] = []
+        for line in result.stdout.splitlines():
+            raw = json.loads(line)
+            entries.append({key: _journal_value(value) for key, value in raw.items()})
+        return entries
+
+    def wait_journal(
+        self, *matches: str, count: int = 1, timeout: float = COMMAND_TIMEOUT
+    ) -> list[JournalEntry]:
+        """Wait until at least `count` entries match; all that match."""
+
+        def probe() -> list[JournalEntry] | None:
+            entries = self.journal(*matches)
+            return entries if len(entries) >= count else None
+
+        return self.wait_for(f"{count} journal entries with {' '.join(matches)}", probe, timeout)
+
+    # -- diagnostics
+
+    def diagnostics(self) -> str:
+        """What is failed and queued, the journal tail and the console tail."""
+        parts: list[str] = []
+        if self._pid and self._process is not None and self._process.poll() is None:
+            for title, argv in (
+                ("systemctl --failed", ["systemctl", "--no-pager", "--failed"]),
+                ("systemctl list-jobs", ["systemctl", "--no-pager", "list-jobs"]),
+                (
+                    "journal tail",
+                    ["journalctl", "--no-pager", "--lines=60", "--output=short-monotonic"],
+                ),
+            ):
+                try:
+                    result = subprocess.run(
+                        [*NSENTER, f"--target={self._pid}", "--", *argv],
+                        capture_output=True,
+                        text=True,
+                        errors="replace",
+                        check=False,
+                        timeout=20,
+                        env=COMMAND_ENV,
+                    )
+                    parts.append(f"--- {title}\n{result.stdout}{result.stderr}")
+                except subprocess.SubprocessError as e:
+                    parts.append(f"--- {title}: {e}")
+        return "\n".join(parts) + self._console_tail()
+
+    def _console_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.console_log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n--- console tail\n" + "\n".join(text.splitlines()[-lines:])
+
+    def _error(self, message: str) -> SystemdNamespaceError:
+        return SystemdNamespaceError(f"{message}\n{self.diagnostics()}")
+
+
+# -- the service side: sd_notify, the fd store and the journal, stdlib only
+
+
+def notify(*assignments: str, fds: Sequence[int] = ()) -> bool:
+    """Send `assignments` ("READY=1", "STATUS=...") to the service manager,
+    with `fds` attached (for FDSTORE=1). False when there is no manager
+    ($NOTIFY_SOCKET unset)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    elif not address.startswith("/"):
+        raise ValueError(f"unsupported NOTIFY_SOCKET {address!r}")
+    data = "\n".join(assignments).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        if fds:
+            socket.send_fds(sock, [data], list(fds))
+        else:
+            sock.send(data)
+    return True
+
+
+def monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds, for MONOTONIC_USEC= with RELOADING=1."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def notify_ready(status: str | None = None) -> bool:
+    return notify("READY=1", *([f"STATUS={status}"] if status else []))
+
+
+def notify_reloading() -> bool:
+    """Say a reload has begun; follow with notify_ready() when it is done."""
+    return notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
+
+
+def store_fds(name: str, *fds: int) -> bool:
+    """Put `fds` into the service's fd store under `name` (the unit needs
+    FileDescriptorStoreMax=); they come back on the next start."""
+    return notify("FDSTORE=1", f"FDNAME={name}", fds=fds)
+
+
+def remove_stored_fds(name: str) -> bool:
+    return notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def listen_fds(unset_environment: bool = True) -> dict[str, list[int]]:
+    """The fds passed by the service manager (socket activation and the fd
+    store), by name ("unknown" for unnamed ones); close-on-exec is set on
+    them, and the variables are unset so that children do not see them."""
+    try:
+        if int(os.environ.get("LISTEN_PID", "0")) != os.getpid():
+            return {}
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return {}
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":") if count else []
+    names += ["unknown"] * (count - len(names))
+    if unset_environment:
+        for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(variable, None)
+    found: dict[str, list[int]] = {}
+    for i, name in enumerate(names[:count]):
+        fd = SD_LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)
+        found.setdefault(name, []).append(fd)
+    return found
+
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
+def journal_send(message: str, *, priority: int = 6, **fields: str) -> None:
+    """One structured journal entry (the native protocol): MESSAGE, PRIORITY
+    and `fields`, whose names are upper case (MESSAGE_ID="<32 hex digits>")."""
+    data = bytearray()
+    for name, value in {"MESSAGE": message, "PRIORITY": str(priority), **fields}.items():
+        encoded = value.encode()
+        if b"\n" in encoded:
+            data += name.encode() + b"\n" + len(encoded).to_bytes(8, "little") + encoded + b"\n"
+        else:
+            data += name.encode() + b"=" + encoded + b"\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.sendto(bytes(data), JOURNAL_SOCKET)

@@ -1,0 +1,1048 @@
+"""`vfioctl`: ask vfiod for VFIO devices from the command line.
+
+    vfioctl list [--json]
+    vfioctl show ADDRESS|GROUP [--json] [--backend B] [--managed] [--unsafe-noiommu]
+    vfioctl check ADDRESS... [--json] [--backend B] [--managed] [--unsafe-noiommu]
+                             [--user NAME [--root DIR]]
+    vfioctl acquire ADDRESS... [--json] [--backend B] [--managed] [--unsafe-noiommu]
+                               [--no-open-devices] [--label L]
+    vfioctl release LEASE
+    vfioctl run --device ADDRESS... [--backend B] [--managed] [--unsafe-noiommu]
+                [--no-open-devices] [--label L] -- COMMAND [ARG...]
+
+Everything goes through vfiod on the system bus as the calling user (the
+daemon decides from the bus's credentials), except ``check --user``, which
+explains the policy files for another user the way ``vfiod check-policy
+--explain`` does.
+
+Exit status: 0 done (for ``check``: every device allowed); 1 vfiod refused
+or failed, or a device was denied; 2 bad arguments; ``run`` exits with its
+command's status (128 + the signal number when a signal ended it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import difflib
+import errno
+import functools
+import io
+import json
+import os
+import re
+import select
+import signal
+import stat
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
+
+import sdbus
+
+from vfiod import __version__
+from vfiod.client import (
+    MANAGER_PATH,
+    Access,
+    Client,
+    DeviceInfo,
+    GroupInfo,
+    Inventory,
+    Lease,
+    LeaseInfo,
+    VfiodError,
+    lease_path,
+)
+from vfiod.pci import AddressError, PciAddress
+from vfiod.report import table
+
+PROG = "vfioctl"
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CANNOT_RUN = 126  # as shells: found but not executable
+EXIT_NOT_FOUND = 127  # as shells: no such command
+
+NO_OBJECT = "/"
+VFIO_PCI = "vfio-pci"
+BRIDGE_CLASS = 0x06  # PCI base class: bridge
+LEASE_PREFIX = f"{MANAGER_PATH}/lease/"
+_LEASE_ID = re.compile(r"[A-Za-z0-9_]+")
+# Signals `run` passes on to its command, and `acquire` ends on.
+RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+SI_KERNEL = 0x80  # siginfo si_code of a signal the kernel sent (a terminal's ^C)
+
+# vfiod words its advice in D-Bus options; here they are command-line options.
+_CLI_WORDS = (
+    ("the option unsafe-noiommu = true", "--unsafe-noiommu"),
+    ("unsafe-noiommu=true", "--unsafe-noiommu"),
+    ("managed=true", "--managed"),
+    ("open-devices=false", "--no-open-devices"),
+    ("backend=legacy", "--backend legacy"),
+    ("backend=iommufd", "--backend iommufd"),
+)
+
+
+class UsageError(Exception):
+    """Bad input to vfioctl itself: exit status 2."""
+
+
+class CommandFailedError(Exception):
+    """Something vfioctl could not do, in words: exit status 1."""
+
+
+# -- output
+
+
+def say(*lines: str) -> None:
+    """Progress and notes, for people: on stderr, so stdout stays the answer."""
+    for line in lines:
+        print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+
+def plain(message: str) -> str:
+    """vfiod's message on one line, with D-Bus options named as our options."""
+    for wire, cli in _CLI_WORDS:
+        message = message.replace(wire, cli)
+    return " ".join(message.split())
+
+
+def print_json(value: object) -> None:
+    json.dump(value, sys.stdout, indent=2)
+    print()
+
+
+def node_name(group: GroupInfo) -> str:
+    """A group's name as in /dev/vfio and in fd names: "10", "noiommu-0"."""
+    return f"noiommu-{group.id}" if group.noiommu else group.id
+
+
+def lease_id(path: str) -> str | None:
+    return None if path == NO_OBJECT else path.rsplit("/", 1)[-1]
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _is_bridge(device: DeviceInfo) -> bool:
+    """Host, ISA, PCI bridges...: never given to a VM themselves."""
+    return device.pci_class >> 16 == BRIDGE_CLASS
+
+
+def _created(lease: LeaseInfo) -> str:
+    moment = datetime.datetime.fromtimestamp(lease.created / 1e6, datetime.UTC).astimezone()
+    return moment.isoformat(timespec="seconds")
+
+
+def _holder(lease: LeaseInfo) -> str:
+    who = f"{lease.label} " if lease.label else ""
+    return f"{who}(uid {lease.uid}, pid {lease.pid}, lease {lease.id})"
+
+
+# -- reading the inventory
+
+
+class View:
+    """The inventory with lookups the commands need."""
+
+    def __init__(self, inventory: Inventory) -> None:
+        self.inventory = inventory
+
+    @functools.cached_property
+    def by_path(self) -> dict[str, DeviceInfo]:
+        return {d.path: d for d in self.inventory.devices.values()}
+
+    def members(self, group: GroupInfo) -> list[DeviceInfo]:
+        by_path = self.by_path
+        return [by_path[p] for p in group.devices if p in by_path]
+
+    def group_of(self, device: DeviceInfo) -> GroupInfo | None:
+        return self.inventory.group_of(device)
+
+    def lease(self, path: str) -> LeaseInfo | None:
+        return self.inventory.leases.get(path)
+
+    def sorted_groups(self) -> list[GroupInfo]:
+        def key(group: GroupInfo) -> tuple[bool, int, str]:
+            return (group.noiommu, int(group.id) if group.id.isdigit() else -1, group.id)
+
+        return sorted(self.inventory.groups.values(), key=key)
+
+    def ungrouped(self) -> list[DeviceInfo]:
+        return [d for d in self.inventory.devices.values() if d.group not in self.inventory.groups]
+
+    def find_group(self, text: str) -> GroupInfo | None:
+        name = text.removeprefix("group:")
+        for group in self.inventory.groups.values():
+            if name in (node_name(group), group.path) or (not group.noiommu and name == group.id):
+                return group
+        return None
+
+    def rebinds(self, addresses: Sequence[str]) -> list[DeviceInfo]:
+        """The devices a managed Acquire of ``addresses`` would move to
+        vfio-pci: the members of their groups that keep the group from being
+        viable, or the device itself where it has no IOMMU group."""
+        moving: dict[str, DeviceInfo] = {}
+        devices = self.inventory.devices
+        for text in addresses:
+            device = devices.get(_address(text))
+            if device is None:
+                continue  # vfiod says what is wrong with it
+            group = self.group_of(device)
+            if group is None:
+                if device.driver != VFIO_PCI:
+                    moving[device.address] = device
+                continue
+            for address, _reason in group.blockers:
+                if address in devices:
+                    moving[address] = devices[address]
+        return list(moving.values())
+
+
+def _address(text: str) -> str:
+    """A PCI address in the kernel's form; the text itself if it is not one."""
+    try:
+        return str(PciAddress.parse(text))
+    except AddressError:
+        return text
+
+
+def _addresses(texts: Sequence[str]) -> list[str]:
+    """PCI addresses in the kernel's form (short BB:DD.F is domain 0), or a
+    UsageError naming the malformed one."""
+    out = []
+    for text in texts:
+        try:
+            out.append(str(PciAddress.parse(text)))
+        except AddressError as e:
+            raise UsageError(f"{e}; `{PROG} list` shows the devices") from None
+    return out
+
+
+# -- the bus
+
+
+@contextlib.contextmanager
+def connect() -> Iterator[Client]:
+    """A client on the system bus, or a CommandFailedError that says why there is none."""
+    try:
+        client = Client()
+    except sdbus.SdBusLibraryError as e:
+        found = re.search(r"error number: (\d+)", str(e))
+        err = int(found[1]) if found else errno.EIO
+        address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
+        raise CommandFailedError(
+            f"cannot connect to the system bus at {address}: {os.strerror(err)}; "
+            "is dbus running (`systemctl status dbus`)?"
+        ) from None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _device_json(view: View, device: DeviceInfo) -> dict[str, object]:
+    group = view.group_of(device)
+    return {
+        "address": device.address,
+        "ids": device.ids,
+        "vendor": device.vendor,
+        "device": device.device,
+        "class": f"{device.pci_class:06x}",
+        "description": device.description,
+        "driver": device.driver or None,
+        "original_driver": device.original_driver or None,
+        "group": node_name(group) if group is not None else None,
+        "noiommu": device.noiommu,
+        "host_critical": list(device.host_critical),
+        "reset_methods": list(device.reset_methods),
+        "lease": lease_id(device.lease),
+    }
+
+
+def _group_json(view: View, group: GroupInfo) -> dict[str, object]:
+    return {
+        "id": node_name(group),
+        "node": f"/dev/vfio/{node_name(group)}",
+        "noiommu": group.noiommu,
+        "viable": group.viable,
+        "blockers": [{"address": a, "reason": r} for a, r in group.blockers],
+        "devices": [d.address for d in view.members(group)],
+        "lease": lease_id(group.lease),
+    }
+
+
+def _lease_json(lease: LeaseInfo) -> dict[str, object]:
+    return {
+        "id": lease.id,
+        "path": lease.path,
+        "owner": lease.owner,
+        "uid": lease.uid,
+        "pid": lease.pid,
+        "unit": lease.unit,
+        "label": lease.label,
+        "devices": list(lease.devices),
+        "groups": list(lease.groups),
+        "backend": lease.backend,
+        "unsafe": lease.unsafe,
+        "created": lease.created,
+    }
+
+
+def _access_json(access: Access) -> dict[str, object]:
+    return {"device": access.device, "allowed": access.allowed, "reason": access.reason}
+
+
+def _device_row(device: DeviceInfo) -> tuple[str, str, str, str]:
+    return (device.address, device.ids, device.driver or "-", device.description)
+
+
+def _device_notes(device: DeviceInfo) -> list[str]:
+    notes = [f"host-critical: {reason}" for reason in device.host_critical]
+    if device.original_driver and device.original_driver != device.driver:
+        notes.append(f"vfiod moved it from {device.original_driver}")
+    return notes
+
+
+def _lease_table(leases: Sequence[LeaseInfo]) -> str:
+    rows = [
+        (
+            lease.id,
+            str(lease.uid),
+            str(lease.pid),
+            lease.label or "-",
+            _created(lease),
+            lease.backend + (" UNSAFE" if lease.unsafe else ""),
+            ",".join(lease.groups),
+            " ".join(lease.devices),
+        )
+        for lease in leases
+    ]
+    return table(("LEASE", "UID", "PID", "LABEL", "SINCE", "BACKEND", "GROUPS", "DEVICES"), rows)
+
+
+# -- list
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with connect() as client:
+        view = View(client.inventory())
+    inventory = view.inventory
+    if args.json:
+        print_json(
+            {
+                "groups": [_group_json(view, g) for g in view.sorted_groups()],
+                "devices": [_device_json(view, d) for d in inventory.devices.values()],
+                "leases": [_lease_json(lease) for lease in inventory.leases.values()],
+            }
+        )
+        return EXIT_OK
+    rows: list[Sequence[str] | str] = []
+    for group in view.sorted_groups():
+        for i, device in enumerate(view.members(group)):
+            first = (node_name(group), _yes(group.viable)) if i == 0 else ("", "")
+            rows.append((*first, *_device_row(device)))
+            rows.extend(_device_notes(device))
+        rows.extend(f"not viable: {reason}" for _address, reason in group.blockers)
+        lease = view.lease(group.lease)
+        if lease is not None:
+            rows.append(f"leased to {_holder(lease)}")
+    for device in view.ungrouped():
+        rows.append(("-", "-", *_device_row(device)))
+        rows.extend(_device_notes(device))
+        rows.append("no IOMMU group: assignable only in unsafe no-IOMMU mode")
+    print(table(("GROUP", "VIABLE", "DEVICE", "IDS", "DRIVER", "DESCRIPTION"), rows))
+    if inventory.leases:
+        print()
+        print(_lease_table(sorted(inventory.leases.values(), key=lambda lease: lease.created)))
+    return EXIT_OK
+
+
+# -- show
+
+
+def _request_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if args.backend is not None:
+        options["backend"] = args.backend
+    if args.managed:
+        options["managed"] = True
+    if args.unsafe_noiommu:
+        options["unsafe_noiommu"] = True
+    return options
+
+
+def _verdict(
+    view: View, devices: Sequence[DeviceInfo], accesses: Sequence[Access], managed: bool
+) -> tuple[bool, str]:
+    """Could the caller acquire ``devices`` now, and what to do next."""
+    denied = [a.device for a in accesses if not a.allowed]
+    devices = [d for d in devices if d.address not in denied]
+    if not devices:
+        return False, f"no: vfiod denies you {', '.join(denied)} (the reason says what to do)"
+    addresses = " ".join(d.address for d in devices)
+    also = (
+        f"; {', '.join(denied)} (denied to you) would come along as group companions, "
+        "which the policy rule must allow (companions = true)"
+        if denied
+        else ""
+    )
+    groups = {g.path: g for d in devices if (g := view.group_of(d)) is not None}
+    for group in groups.values():
+        lease = view.lease(group.lease)
+        if lease is not None:
+            return False, f"not now: IOMMU group {node_name(group)} is leased to {_holder(lease)}"
+    moving = view.rebinds([d.address for d in devices])
+    critical = [d.address for d in moving if d.host_critical]
+    if critical:
+        return False, (
+            f"no: {', '.join(critical)} is host-critical, and vfiod unbinds it only where "
+            "a policy rule names it by address"
+        )
+    if not moving:
+        return True, f"yes: `{PROG} acquire {addresses}`, or `{PROG} run --device ...`{also}"
+    names = ", ".join(f"{d.address} ({d.driver or 'no driver'})" for d in moving)
+    if managed:
+        return True, (
+            f"yes, if policy lets vfiod rebind (managed = true in the rule): `{PROG} acquire "
+            f"--managed {addresses}` moves {names} to vfio-pci and back afterwards{also}"
+        )
+    return False, (
+        f"not as it is: {names} must move to vfio-pci first; `{PROG} acquire --managed "
+        f"{addresses}` lets vfiod do it where policy allows (managed = true in the rule, "
+        f"and companions = true for group members you do not name){also}"
+    )
+
+
+def _show_device(client: Client, view: View, device: DeviceInfo, args: argparse.Namespace) -> int:
+    group = view.group_of(device)
+    lease = view.lease(device.lease)
+    [access] = client.check_access([device.address], **_request_options(args))
+    members = view.members(group) if group is not None else [device]
+    ok, verdict = _verdict(view, [device], [access], args.managed)
+    if args.json:
+        print_json(
+            {
+                "device": _device_json(view, device),
+                "group": _group_json(view, group) if group is not None else None,
+                "members": [_device_json(view, d) for d in members],
+                "lease": _lease_json(lease) if lease is not None else None,
+                "access": _access_json(access),
+                "assignable": ok,
+                "verdict": verdict,
+            }
+        )
+        return EXIT_OK
+    lines = [
+        ("device", f"{device.address}  {device.ids}  {device.description}"),
+        ("class", f"{device.pci_class:06x}"),
+        ("driver", device.driver or "none"),
+    ]
+    if device.original_driver:
+        lines.append(("original", f"{device.original_driver} (vfiod gives it back)"))
+    lines.append(("reset", ", ".join(device.reset_methods) or "none"))
+    lines.append(("critical", "; ".join(device.host_critical) or "no"))
+    if group is None:
+        lines.append(("group", "none: no IOMMU, so only unsafe no-IOMMU mode can assign it"))
+    else:
+        viable = "viable" if group.viable else "not viable"
+        others = [d.address for d in members if d.address != device.address]
+        lines.append(("group", f"{node_name(group)} ({viable}), /dev/vfio/{node_name(group)}"))
+        if others:
+            lines.append(("", f"shared with {', '.join(others)}: a lease takes the whole group"))
+        lines += [("", f"not viable: {reason}") for _a, reason in group.blockers]
+    lines.append(("lease", _holder(lease) if lease is not None else "none"))
+    lines.append(("you", f"{'allowed' if access.allowed else 'denied'}: {plain(access.reason)}"))
+    lines.append(("verdict", verdict))
+    _print_fields(lines)
+    return EXIT_OK
+
+
+def _show_group(client: Client, view: View, group: GroupInfo, args: argparse.Namespace) -> int:
+    members = view.members(group)
+    asked = [d for d in members if not _is_bridge(d)]
+    accesses = (
+        client.check_access([d.address for d in asked], **_request_options(args)) if asked else []
+    )
+    by_device = {a.device: a for a in accesses}
+    lease = view.lease(group.lease)
+    ok, verdict = (
+        _verdict(view, asked, accesses, args.managed)
+        if asked
+        else (False, "no: nothing in this group can be given to a VM")
+    )
+    if args.json:
+        print_json(
+            {
+                "group": _group_json(view, group),
+                "members": [_device_json(view, d) for d in members],
+                "lease": _lease_json(lease) if lease is not None else None,
+                "access": [_access_json(a) for a in accesses],
+                "assignable": ok,
+                "verdict": verdict,
+            }
+        )
+        return EXIT_OK
+    _print_fields(
+        [
+            (
+                "group",
+                f"{node_name(group)} ({'viable' if group.viable else 'not viable'}), "
+                f"/dev/vfio/{node_name(group)}" + (", UNSAFE no-IOMMU" if group.noiommu else ""),
+            ),
+            ("lease", _holder(lease) if lease is not None else "none"),
+        ]
+    )
+    rows: list[Sequence[str] | str] = []
+    for device in members:
+        access = by_device.get(device.address)
+        you = "-" if access is None else ("allowed" if access.allowed else "denied")
+        rows.append((device.address, you, *_device_row(device)[1:]))
+        rows.extend(_device_notes(device))
+        if access is not None and not access.allowed:
+            rows.append(f"denied: {plain(access.reason)}")
+    rows.extend(f"not viable: {reason}" for _a, reason in group.blockers)
+    print(table(("DEVICE", "YOU", "IDS", "DRIVER", "DESCRIPTION"), rows))
+    _print_fields([("verdict", verdict)])
+    return EXIT_OK
+
+
+def _print_fields(lines: Sequence[tuple[str, str]]) -> None:
+    width = max(len(key) for key, _ in lines)
+    for key, value in lines:
+        print(f"{key.ljust(width)}  {value}".rstrip() if key else f"{'':{width}}  {value}")
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with connect() as client:
+        view = View(client.inventory())
+        device = view.inventory.devices.get(_address(args.what))
+        if device is not None:
+            return _show_device(client, view, device, args)
+        group = view.find_group(args.what)
+        if group is not None:
+            return _show_group(client, view, group, args)
+    raise CommandFailedError(
+        f"no device or IOMMU group {args.what!r} on this host; `{PROG} list` shows them "
+        "(a device is a PCI address like 0000:00:10.0, a group an id like 10 or noiommu-0)"
+    )
+
+
+# -- check
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    addresses = _addresses(args.devices)
+    if args.user is not None:
+        return _explain(args, addresses)
+    if args.root is not None:
+        raise UsageError("--root only means something with --user")
+    with connect() as client:
+        accesses = client.check_access(addresses, **_request_options(args))
+    if args.json:
+        print_json([_access_json(a) for a in accesses])
+    else:
+        rows = [(a.device, "allowed" if a.allowed else "denied", plain(a.reason)) for a in accesses]
+        print(table(("DEVICE", "YOU", "REASON"), rows))
+    return EXIT_OK if all(a.allowed for a in accesses) else EXIT_FAILURE
+
+
+def _explain(args: argparse.Namespace, addresses: Sequence[str]) -> int:
+    """``vfiod check-policy --explain`` for each address: the policy files on
+    this host, read here, for another user (vfiod answers only for its caller)."""
+    from vfiod.host.sysfs import HostError  # noqa: PLC0415 - only this path reads the host
+    from vfiod.policy.cli import add_parser  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="vfiod")
+    add_parser(parser.add_subparsers(dest="command"))
+    common = ["--user", args.user, "--root", args.root or "/", "--sysfs", args.sysfs]
+    if args.backend is not None:
+        common += ["--backend", args.backend]
+    if args.managed:
+        common.append("--managed")
+    if args.unsafe_noiommu:
+        common.append("--unsafe-noiommu")
+    if args.json:
+        common.append("--json")
+    if not args.json:
+        say(
+            "explaining the policy files for another user, as `vfiod check-policy "
+            "--explain` does; a running vfiod uses the policy it last loaded"
+        )
+    status = EXIT_OK
+    reports: list[object] = []
+    for i, address in enumerate(addresses):
+        explain = parser.parse_args(["check-policy", "--explain", address, *common])
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                code: int = explain.func(explain)
+        except HostError as e:
+            raise CommandFailedError(str(e)) from None
+        if code == EXIT_USAGE:
+            raise UsageError(out.getvalue().strip() or f"cannot explain {address}")
+        status = max(status, code)
+        if args.json:
+            reports.append(json.loads(out.getvalue()))
+        else:
+            print(("\n" if i else "") + out.getvalue().rstrip())
+    if args.json:
+        print_json(reports)
+    return status
+
+
+# -- acquire and release
+
+
+def _acquire(
+    client: Client, addresses: Sequence[str], args: argparse.Namespace, **extra: Any
+) -> Lease:
+    """Acquire with progress lines on stderr when vfiod will rebind devices."""
+    options = _request_options(args)
+    if not args.open_devices:
+        options["open_devices"] = False
+    if args.label is not None:
+        options["label"] = args.label
+    moving: list[DeviceInfo] = []
+    if args.managed:
+        moving = View(client.inventory()).rebinds(addresses)
+        if moving:
+            asked = client.check_access(addresses, **_request_options(args))
+            if not all(a.allowed for a in asked):
+                moving = []  # vfiod refuses before it binds anything: no progress to show
+    if moving:
+        names = ", ".join(f"{d.address} ({d.driver or 'no driver'})" for d in moving)
+        say(f"binding {names} to vfio-pci; this may take a few seconds")
+    lease = client.acquire(addresses, **options, **extra)
+    if moving:
+        say(f"{', '.join(d.address for d in moving)} on vfio-pci")
+    return lease
+
+
+def _release(client: Client, lease: Lease) -> None:
+    lease.close()
+    try:
+        client.release(lease)
+    except VfiodError as e:
+        if e.kind != "NotFound":
+            raise
+        say(f"lease {lease.id} had ended already")
+
+
+class _SignalledError(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _watch_stdin() -> bool:
+    """Does the end of stdin mean "stop"? Yes for a terminal, pipe or
+    socket; not for /dev/null or a file (as a backgrounded `vfioctl acquire`
+    has), which would end at once."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return os.isatty(sys.stdin.fileno()) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _hold() -> str:
+    """Wait for SIGINT, SIGTERM, SIGHUP, SIGQUIT or the end of stdin; what ended it."""
+
+    def stop(signum: int, _frame: object) -> NoReturn:
+        raise _SignalledError(signum)
+
+    previous = {s: signal.signal(s, stop) for s in RELAYED}
+    try:
+        if _watch_stdin():
+            fd = sys.stdin.fileno()
+            while True:
+                select.select([fd], [], [])
+                if not os.read(fd, 4096):
+                    return "end of input"
+        while True:
+            signal.pause()
+    except _SignalledError as e:
+        return signal.Signals(e.signum).name
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def cmd_acquire(args: argparse.Namespace) -> int:
+    addresses = _addresses(args.devices)
+    with connect() as client:
+        lease = _acquire(client, addresses, args)
+        try:
+            info = client.inventory().leases.get(lease.path)
+            devices = list(info.devices) if info else addresses
+            groups = list(info.groups) if info else []
+            if args.json:
+                grant = {
+                    "lease": lease.id,
+                    "path": lease.path,
+                    "pid": os.getpid(),
+                    "fds": dict(lease.fds),
+                    "devices": devices,
+                    "groups": groups,
+                    "backend": info.backend if info else None,
+                }
+                print(json.dumps(grant), flush=True)
+            else:
+                fds = "  ".join(f"{name}={fd}" for name, fd in lease.fds.items())
+                print(
+                    f"lease {lease.id} ({lease.path}): {' '.join(devices)}, "
+                    f"IOMMU group(s) {', '.join(groups) or '?'}"
+                )
+                print(f"fds in vfioctl (pid {os.getpid()}): {fds or 'none'}", flush=True)
+            how = "Ctrl-C, SIGTERM" + (" or the end of input" if _watch_stdin() else "")
+            say(
+                f"holding the lease until {how}; it ends when vfioctl exits. To give a "
+                f"program the fds, use `{PROG} run --device ... -- COMMAND`"
+            )
+            why = _hold()
+        finally:
+            lease.close()
+        say(f"{why}: releasing lease {lease.id}")
+        _release(client, lease)
+    return EXIT_OK
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    text = args.lease.removeprefix(LEASE_PREFIX)
+    if not _LEASE_ID.fullmatch(text):
+        raise UsageError(
+            f"malformed lease {args.lease!r}: give its id (or {LEASE_PREFIX}ID) as "
+            f"`{PROG} list` shows it"
+        )
+    with connect() as client:
+        client.release(lease_path(text))
+    say(f"released lease {text}")
+    return EXIT_OK
+
+
+# -- run
+
+# {name} stands for the fd vfiod named so: "container", "group:10",
+# "device:0000:00:10.0", "iommufd", or a name vfiod adds later. Other braces
+# stay as they are (a Python f-string's {fd}, JSON, find's {}, a{b,c}, the
+# shell's ${VAR}), except a word that looks like a misspelt placeholder
+# ({iommfd}), which is an error. {{name}} is a literal {name}.
+_WORD = r"[a-z][a-z0-9_-]*(?::[A-Za-z0-9_.:-]+)?"
+_PLACEHOLDER = re.compile(rf"\{{\{{(?P<literal>{_WORD})\}}\}}|(?<!\$)\{{(?P<name>{_WORD})\}}")
+_KINDS = ("container", "iommufd", "group", "device")
+_FORMS = ("{container}", "{iommufd}", "{group:ID}", "{device:ADDRESS}")
+
+
+def _placeholder(word: str, fds: Sequence[str] = ()) -> str | None:
+    """The fd name ``{word}`` stands for (device addresses in the kernel's
+    form), None when it is no placeholder, or a UsageError for one that is
+    wrong."""
+    if word in fds:
+        return word
+    kind, _, rest = word.partition(":")
+    if word in ("container", "iommufd") or (kind == "group" and rest):
+        return word
+    if kind == "device" and rest:
+        try:
+            return f"device:{PciAddress.parse(rest)}"
+        except AddressError as e:
+            raise UsageError(f"placeholder {{{word}}}: {e}") from None
+    names = [*_KINDS, *(name.partition(":")[0] for name in fds)]
+    if kind in _KINDS or difflib.get_close_matches(kind, names, n=1, cutoff=0.75):
+        raise UsageError(
+            f"unknown placeholder {{{word}}}; placeholders are {', '.join(_FORMS)} "
+            f"(write {{{{{word}}}}} for a literal {{{word}}})"
+        )
+    return None
+
+
+def placeholders(command: Sequence[str]) -> list[str]:
+    """The fd names ``command`` refers to (UsageError for a wrong one)."""
+    found = (
+        _placeholder(m["name"]) for arg in command for m in _PLACEHOLDER.finditer(arg) if m["name"]
+    )
+    return [name for name in found if name is not None]
+
+
+def substitute(command: Sequence[str], fds: dict[str, int]) -> list[str]:
+    """``command`` with each {name} replaced by its fd number; a UsageError
+    naming the fds there are when one is missing."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match["literal"]:
+            if _placeholder(match["literal"], list(fds)) is None:
+                return match[0]
+            return "{" + match["literal"] + "}"
+        name = _placeholder(match["name"], list(fds))
+        if name is None:
+            return match[0]
+        if name not in fds:
+            raise UsageError(
+                f"placeholder {{{match['name']}}} names no fd of this lease; it has "
+                + (", ".join(f"{{{n}}}" for n in fds) or "no fds")
+            )
+        return str(fds[name])
+
+    return [_PLACEHOLDER.sub(replace, arg) for arg in command]
+
+
+def _spawn(argv: Sequence[str], fds: Sequence[int]) -> int:
+    """Start ``argv`` with ``fds`` inherited at their numbers, every signal
+    unblocked and SIGPIPE/SIGXFSZ at their defaults (as subprocess does)."""
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    try:
+        return os.posix_spawnp(
+            argv[0],
+            list(argv),
+            dict(os.environ),
+            setsigmask=(),
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        )
+    finally:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+
+
+def _supervise(pid: int, waited: set[signal.Signals]) -> int:
+    """Pass signals on to ``pid`` until it exits; its exit status, shell
+    style. (Signals are blocked and taken with sigwaitinfo, so one sent by
+    a terminal to the whole foreground process group, the command
+    included, is not passed on a second time.)"""
+    while True:
+        info = signal.sigwaitinfo(waited)
+        if info.si_signo == signal.SIGCHLD:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                code = os.waitstatus_to_exitcode(status)
+                return 128 - code if code < 0 else code
+        elif info.si_code != SI_KERNEL and info.si_pid != pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, info.si_signo)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise UsageError(
+            "run needs a command after --, e.g. `vfioctl run --device ADDR -- qemu ...`"
+        )
+    if not args.device:
+        raise UsageError("run needs at least one --device ADDRESS")
+    addresses = _addresses(args.device)
+    placeholders(command)  # bad ones stop here, before anything changes
+    if args.label is None:
+        args.label = os.path.basename(command[0])
+    with connect() as client:
+        # The lease follows this process (and so outlives nothing it should):
+        # vfiod raises this process's RLIMIT_MEMLOCK, which the command inherits.
+        me = os.pidfd_open(os.getpid())
+        try:
+            lease = _acquire(client, addresses, args, owner_pidfd=me)
+        finally:
+            os.close(me)
+        try:
+            argv = substitute(command, lease.fds)
+        except UsageError:
+            _release(client, lease)
+            raise
+        waited = {signal.SIGCHLD, *RELAYED}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+        try:
+            try:
+                pid = _spawn(argv, list(lease.fds.values()))
+            except OSError as e:
+                say(f"cannot run {argv[0]}: {e.strerror}")
+                return EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_RUN
+            finally:
+                lease.close()  # the command has them; the group frees when it closes them
+            status = _supervise(pid, waited)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            with _released_anyway(lease):
+                _release(client, lease)
+    return status
+
+
+@contextlib.contextmanager
+def _released_anyway(lease: Lease) -> Iterator[None]:
+    """A failed Release after the command ended is a note, not a failure:
+    the lease follows this process, which is about to exit."""
+    try:
+        yield
+    except VfiodError as e:
+        say(f"releasing lease {lease.id} failed ({plain(e.message)}); it ends as vfioctl exits")
+
+
+# -- the command line
+
+
+def _request_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=("legacy", "iommufd"),
+        help="legacy VFIO (container, group and device fds) or iommufd (iommufd and "
+        "device cdev fds, for QEMU >= 9); default: the policy's",
+    )
+    p.add_argument(
+        "--managed",
+        action="store_true",
+        help="let vfiod bind the group's devices to vfio-pci (and back afterwards), "
+        "where policy allows it",
+    )
+    p.add_argument(
+        "--unsafe-noiommu",
+        action="store_true",
+        help="consent to a device without an IOMMU: whoever holds its fds can DMA "
+        "anywhere in host memory",
+    )
+
+
+def _lease_arguments(p: argparse.ArgumentParser) -> None:
+    _request_arguments(p)
+    p.add_argument(
+        "--no-open-devices",
+        dest="open_devices",
+        action="store_false",
+        help="get group and container (or unbound cdev) fds but no opened device fds, "
+        "for VMMs that add the group to KVM first",
+    )
+    p.add_argument("--label", help="a name for the lease in vfiod's audit log (the VM's name)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Ask vfiod for VFIO devices: see what can be assigned and why, "
+        "get devices for a VM, give them back.",
+        epilog="Exit status: 0 done; 1 vfiod refused or failed (or, for check, a device "
+        "is denied); 2 bad arguments; run: its command's status.",
+    )
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
+
+    cmd = sub.add_parser(
+        "list",
+        help="devices and IOMMU groups, whether each can be assigned, and leases",
+        description="Every PCI device by IOMMU group: driver, viability and what blocks "
+        "it, host-critical devices, and the leases vfiod holds.",
+    )
+    cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    cmd.set_defaults(func=cmd_list)
+
+    cmd = sub.add_parser(
+        "show",
+        help="one device or IOMMU group: why it can or cannot be assigned to you",
+        description="One device (PCI address, e.g. 0000:00:10.0 or 00:10.0) or IOMMU "
+        "group (e.g. 10 or noiommu-0): its group and what keeps the group from being "
+        "viable, host-critical reasons, its lease, vfiod's verdict for you, and what to "
+        "do next. The request options ask the verdict for that kind of request.",
+    )
+    cmd.add_argument("what", metavar="ADDRESS|GROUP")
+    cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    _request_arguments(cmd)
+    cmd.set_defaults(func=cmd_show)
+
+    cmd = sub.add_parser(
+        "check",
+        help="may you (or --user) have these devices, and why",
+        description="Ask vfiod whether it would give you the devices, and why (not). "
+        "vfiod answers only for its caller: with --user NAME, vfioctl instead explains "
+        "the policy files on this host for that user, as `vfiod check-policy --explain "
+        "ADDRESS --user NAME` does (it needs to read /etc/vfiod, and a running vfiod "
+        "follows the policy it last loaded). Exit status 0 when every device is allowed, "
+        "1 when one is denied.",
+    )
+    cmd.add_argument("devices", metavar="ADDRESS", nargs="+")
+    cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    cmd.add_argument("--user", metavar="NAME", help="explain the policy files for this user")
+    cmd.add_argument(
+        "--root", metavar="DIR", help="with --user: look for etc/vfiod and usr/lib/vfiod under DIR"
+    )
+    cmd.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
+    _request_arguments(cmd)
+    cmd.set_defaults(func=cmd_check)
+
+    cmd = sub.add_parser(
+        "acquire",
+        help="lease devices and hold them until interrupted",
+        description="Lease the IOMMU groups of the devices and hold them: vfioctl prints "
+        "the lease and its fds, then waits for Ctrl-C, SIGTERM, SIGHUP or (when stdin is "
+        "a terminal, pipe or socket) the end of its input, and releases. A lease ends "
+        "when the connection that made it closes, so it cannot outlive vfioctl, and its "
+        "fds stay in vfioctl: this is for holding devices (bound to vfio-pci, kept from "
+        "others) and for trying a request. To hand the fds to a VMM, use `vfioctl run`. "
+        "With --json, the grant is one JSON line on stdout, printed before waiting.",
+    )
+    cmd.add_argument("devices", metavar="ADDRESS", nargs="+")
+    cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    _lease_arguments(cmd)
+    cmd.set_defaults(func=cmd_acquire)
+
+    cmd = sub.add_parser(
+        "release",
+        help="end a lease",
+        description="End a lease by id (as `vfioctl list` shows it): your own, or any as "
+        "root. vfiod gives the devices back to their drivers once their fds are closed.",
+    )
+    cmd.add_argument("lease", metavar="LEASE")
+    cmd.set_defaults(func=cmd_release)
+
+    cmd = sub.add_parser(
+        "run",
+        help="run a command (a VMM) with devices, and give them back when it exits",
+        usage=f"{PROG} run --device ADDRESS [--device ADDRESS ...] [options] -- COMMAND [ARG ...]",
+        description="Lease the devices, start COMMAND with the lease's fds open, and when "
+        "it exits release the lease and exit with its status. In COMMAND, {name} stands "
+        "for the number of the fd of that name: {container}, {group:10}, "
+        "{device:0000:00:10.0} (legacy backend), {iommufd}, {device:0000:00:10.0} "
+        "(iommufd backend); {{name}} is a literal {name}, and ${...} is left alone. "
+        "A placeholder the lease has no fd for is an error before the command starts. "
+        "The lease follows vfioctl's process (owner-pidfd): vfiod raises its locked-memory "
+        "limit to the policy's max-locked-memory, and the command inherits it. SIGINT, "
+        "SIGTERM, SIGHUP and SIGQUIT are passed on to the command.",
+        epilog="Example: vfioctl run --device 0000:00:10.0 --backend iommufd --managed -- "
+        "qemu-system-x86_64 -object iommufd,id=i0,fd={iommufd} "
+        "-device vfio-pci,iommufd=i0,fd={device:0000:00:10.0} ...",
+    )
+    cmd.add_argument(
+        "--device",
+        metavar="ADDRESS",
+        action="append",
+        default=[],
+        help="a device to lease (its whole IOMMU group comes with it); repeatable",
+    )
+    _lease_arguments(cmd)
+    cmd.set_defaults(label=None)
+    cmd.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER)
+    cmd.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error argparse printed
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (UsageError, CommandFailedError, VfiodError) as e:
+        message = plain(e.message) if isinstance(e, VfiodError) else str(e)
+        print(f"{PROG}: {message}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except BrokenPipeError:  # `vfioctl list | head`
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
