@@ -92,6 +92,19 @@ def leaked_fds(daemon: VfiodProcess, before: list[str], timeout: float = 3.0) ->
         time.sleep(0.1)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (clock-tick resolution)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> str:
+    """The CPUs and the load when a benchmark ran: others' load skews it."""
+    one, five, _ = os.getloadavg()
+    return f"{os.cpu_count()} CPUs, load average {one:.2f} (1 min), {five:.2f} (5 min)"
+
+
 def ready_after_start(daemon: VfiodProcess) -> float | None:
     """What the daemon logged as its start time ("ready X s after start":
     from its process start, by /proc ticks, to READY=1)."""

@@ -25,9 +25,10 @@ import dataclasses
 import json
 import sys
 
-from bench.bus_baseline import time_fd_calls_as
-from bench.common import POLICY, bench_bus, p50, p90, us
-from tests.bus import NOBODY
+from bench.bus_baseline import _CLIENT as BARE_CLIENT
+from bench.bus_baseline import WARMUP as BARE_WARMUP
+from bench.common import POLICY, bench_bus, cpu_seconds, machine, p50, p90, us
+from tests.bus import NOBODY, PrivateBus, run_fd_service
 from tests.bus.vfiod import Clients, run_vfiod
 from tests.fakehost import scale_address
 
@@ -57,6 +58,15 @@ say({"acquire": acquire, "release": release, "fds": fds})
 
 
 @dataclasses.dataclass(frozen=True)
+class Cpu:
+    """CPU seconds per call (baseline) or per cycle (vfiod), over the timed
+    calls and the warm-up ones, of the service and of dbus-daemon."""
+
+    service: float
+    bus: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Figures:
     devices: int
     backend: str
@@ -64,6 +74,9 @@ class Figures:
     baseline: list[float]  # seconds of each bare call
     acquire: list[float]
     release: list[float]
+    baseline_cpu: Cpu
+    vfiod_cpu: Cpu
+    machine: str
 
     @property
     def cycle(self) -> list[float]:
@@ -72,6 +85,21 @@ class Figures:
     @property
     def ratio(self) -> float:
         return p50(self.cycle) / p50(self.baseline)
+
+
+def time_bare_calls(bus: PrivateBus, count: int) -> tuple[list[float], Cpu]:
+    """bench.bus_baseline's blocking client as uid 65534, with the CPU the
+    test service and dbus-daemon spent on it."""
+    with run_fd_service(bus) as service:
+        service_cpu, bus_cpu = cpu_seconds(service.pid), cpu_seconds(bus.pid)
+        result = bus.run_as(BARE_CLIENT, args=[str(count), str(BARE_WARMUP)], uid=NOBODY)
+        calls = count + BARE_WARMUP
+        cpu = Cpu(
+            (cpu_seconds(service.pid) - service_cpu) / calls,
+            (cpu_seconds(bus.pid) - bus_cpu) / calls,
+        )
+    times = json.loads(result.check().stdout)
+    return [float(t) for t in times], cpu
 
 
 def run(cycles: int = 2000, devices: int = 64, backend: str = "legacy") -> Figures:
@@ -83,20 +111,30 @@ def run(cycles: int = 2000, devices: int = 64, backend: str = "legacy") -> Figur
         raise ValueError("devices: an even number, at least 2 (two functions per group)")
     first_functions = [str(scale_address(i)) for i in range(0, devices, 2)]
     with bench_bus() as (bus, directory):
-        baseline = time_fd_calls_as(bus, cycles // 2, uid=NOBODY)
-        with run_vfiod(bus, directory / "vfiod", POLICY, f"scale:{devices}"):
+        first, first_cpu = time_bare_calls(bus, cycles // 2)
+        with run_vfiod(bus, directory / "vfiod", POLICY, f"scale:{devices}") as daemon:
+            daemon_cpu, bus_cpu = cpu_seconds(daemon.pid), cpu_seconds(bus.pid)
             timeout = 60 + cycles * 0.05
             result = Clients(bus).run(
                 _CYCLES, str(cycles), str(WARMUP), backend, *first_functions, timeout=timeout
             )
-        baseline += time_fd_calls_as(bus, cycles - cycles // 2, uid=NOBODY)
+            vfiod_cpu = Cpu(
+                (cpu_seconds(daemon.pid) - daemon_cpu) / (cycles + WARMUP),
+                (cpu_seconds(bus.pid) - bus_cpu) / (cycles + WARMUP),
+            )
+        second, second_cpu = time_bare_calls(bus, cycles - cycles // 2)
     return Figures(
         devices=devices,
         backend=backend,
         fds=list(result["fds"]),
-        baseline=baseline,
+        baseline=first + second,
         acquire=[float(t) for t in result["acquire"]],
         release=[float(t) for t in result["release"]],
+        baseline_cpu=Cpu(
+            (first_cpu.service + second_cpu.service) / 2, (first_cpu.bus + second_cpu.bus) / 2
+        ),
+        vfiod_cpu=vfiod_cpu,
+        machine=machine(),
     )
 
 
@@ -118,8 +156,13 @@ def report(f: Figures) -> str:
             _line("Acquire", f.acquire, f.baseline),
             _line("Release", f.release, f.baseline),
             _line("Acquire + Release", f.cycle, f.baseline),
+            f"  CPU per bare call: test service {us(f.baseline_cpu.service)}, "
+            f"dbus-daemon {us(f.baseline_cpu.bus)}",
+            f"  CPU per Acquire + Release: vfiod {us(f.vfiod_cpu.service)}, "
+            f"dbus-daemon {us(f.vfiod_cpu.bus)}",
             f"  ratio (p50 Acquire + Release / p50 bare call): {f.ratio:.2f}; "
             f"target <= {TARGET_RATIO}: {verdict}",
+            f"  machine: {f.machine}",
         ]
     )
 
@@ -150,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
                         for q, f in (("p50", p50), ("p90", p90))
                     },
                     "ratio_p50": figures.ratio,
+                    "baseline_cpu_s": dataclasses.asdict(figures.baseline_cpu),
+                    "vfiod_cpu_s": dataclasses.asdict(figures.vfiod_cpu),
+                    "machine": figures.machine,
                 }
             )
         )

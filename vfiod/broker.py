@@ -15,6 +15,7 @@ who holds it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -57,6 +58,7 @@ from vfiod.vfio import (
     Kernel,
     NotSupportedError,
     VfioError,
+    abi,
     cdev_path,
 )
 from vfiod.vfio.kernel import IovaRange
@@ -113,6 +115,24 @@ class ProcessWatcher(Protocol):
     def watch(self, pidfd: int, on_exit: Callable[[], None]) -> Callable[[], None]: ...
 
 
+class FdStore(Protocol):
+    """Where fds survive a restart of vfiod (systemd's fd store)."""
+
+    def keep(self, name: str, fd: int) -> None: ...
+
+    def drop(self, name: str) -> None: ...
+
+
+class NoFdStore:
+    """Without a service manager: fds die with the process, leases drain."""
+
+    def keep(self, name: str, fd: int) -> None:
+        pass
+
+    def drop(self, name: str) -> None:
+        pass
+
+
 @dataclasses.dataclass(eq=False)
 class Lease:
     id: str
@@ -139,6 +159,7 @@ class Lease:
     handles: list[Group | Container | IommuFd] = dataclasses.field(default_factory=list)
     mappings: dict[int, DmaMapping] = dataclasses.field(default_factory=dict)  # by IOVA
     unwatch: Callable[[], None] | None = None
+    stored: tuple[str, ...] = ()  # names of its fds in the fd store
 
     @property
     def group_ids(self) -> tuple[str, ...]:
@@ -174,7 +195,28 @@ class Lease:
             restore=self.restore,
             max_locked_memory=self.max_locked_memory,
             moved=tuple(str(d) for d in self.moved),
+            fds=self.stored,
+            iommu_type=(
+                int(self.container.iommu_type)
+                if self.container is not None and self.container.iommu_type is not None
+                else None
+            ),
+            mappings=tuple(sorted((m.iova, m.size) for m in self.mappings.values())),
         )
+
+    def held_fds(self) -> dict[str, int]:
+        """The fds vfiod holds for the lease, by their fd store names."""
+        held: dict[str, int] = {}
+        for handle in self.handles:
+            if isinstance(handle, Group):
+                held[f"{self.id}.group.{handle.name}"] = handle.fileno()
+            elif isinstance(handle, Container):
+                held[f"{self.id}.container"] = handle.fileno()
+            else:
+                held[f"{self.id}.iommufd"] = handle.fileno()
+        if self.owner_pidfd is not None:
+            held[f"{self.id}.owner"] = self.owner_pidfd
+        return held
 
     def audit_fields(self) -> dict[str, object]:
         return {
@@ -245,6 +287,7 @@ class Broker:
         policy: PolicyHolder,
         watcher: ProcessWatcher,
         *,
+        fd_store: FdStore | None = None,
         dev_vfio: str = "/dev/vfio",
         proc: str = "/proc",
         clock: Callable[[], float] = time.time,
@@ -254,6 +297,7 @@ class Broker:
         self.kernel = kernel
         self.policy = policy
         self.watcher = watcher
+        self.fd_store = fd_store if fd_store is not None else NoFdStore()
         self.dev_vfio = dev_vfio
         self.proc = proc
         self.clock = clock
@@ -399,7 +443,7 @@ class Broker:
             self._undo_binding(moved)
             raise
         self.leases[lease.id] = lease
-        self.binder.state.update(lambda s: s.with_lease(lease.record()))
+        self._store(lease)
         _audit(
             MESSAGE_GRANTED,
             f"granted IOMMU group(s) {', '.join(lease.group_ids)} ({backend}) to uid "
@@ -416,6 +460,18 @@ class Broker:
             )
         self._notify(lease, LeaseChange.GRANTED)
         return Grant(lease, fds)
+
+    def _store(self, lease: Lease) -> None:
+        """Keep the lease's fds where a restart of vfiod finds them, and
+        record the lease (with their names)."""
+        held = lease.held_fds()
+        for name, fd in held.items():
+            self.fd_store.keep(name, fd)
+        lease.stored = tuple(held)
+        self._save(lease)
+
+    def _save(self, lease: Lease) -> None:
+        self.binder.state.update(lambda s: s.with_lease(lease.record()))
 
     def _request(self, policy: Policy, options: AcquireOptions) -> Request:
         backend = options.backend or Backend(policy.settings.default_backend)
@@ -778,6 +834,7 @@ class Broker:
         except VfioError as e:
             raise KernelError(e.errno or errno.EIO, str(e)) from e
         lease.mappings[iova] = mapping
+        self._save(lease)
         log.info("lease %s: mapped %#x bytes at IOVA %#x", lease.id, size, iova)
         return iova
 
@@ -796,6 +853,8 @@ class Broker:
             mapping.unmap()
         except VfioError as e:
             raise KernelError(e.errno or errno.EIO, str(e)) from e
+        finally:
+            self._save(lease)
 
     # -- release and drain
 
@@ -835,6 +894,9 @@ class Broker:
         self.drain()
 
     def _close_handles(self, lease: Lease) -> None:
+        for name in lease.stored:
+            self.fd_store.drop(name)
+        lease.stored = ()
         for mapping in list(lease.mappings.values()):
             try:
                 mapping.unmap()
@@ -947,24 +1009,43 @@ class Broker:
 
     # -- restart
 
-    def recover(self) -> list[Lease]:
-        """After a restart: the leases in the state file lost vfiod's fds with
-        the old process, but their clients may still hold device fds. Each
-        comes back draining, so its devices are given back once it is free;
-        devices vfiod moved for no lease are restored now."""
+    def recover(self, stored: Mapping[str, Sequence[int]] | None = None) -> list[Lease]:
+        """After a restart. A lease whose fds systemd kept for us (``stored``,
+        by fd store name) is adopted and stays active. The others lost
+        vfiod's fds with the old process, but their clients may still hold
+        device fds: each comes back draining, so its devices are given back
+        once it is free. Devices vfiod moved for no lease are restored now."""
+        remaining = {name: list(fds) for name, fds in (stored or {}).items()}
         recovered = []
         for record in self.binder.state.load().leases.values():
             lease = self._from_record(record)
-            lease.state = LeaseState.DRAINING
-            lease.end_reason = "vfiod restarted"
+            fds = {n: remaining.pop(n)[0] for n in record.fds if n in remaining}
+            if record.fds and len(fds) == len(record.fds) and self._adopt(lease, record, fds):
+                log.info(
+                    "lease %s (uid %d, %s) re-adopted with its fds after a restart",
+                    lease.id,
+                    lease.caller.uid,
+                    lease.label or "unnamed",
+                )
+            else:
+                for fd in fds.values():
+                    os.close(fd)
+                for name in record.fds:
+                    self.fd_store.drop(name)
+                lease.state = LeaseState.DRAINING
+                lease.end_reason = "vfiod restarted without its fds"
+                log.warning(
+                    "lease %s (uid %d, %s) lost vfiod's fds in a restart; it drains now",
+                    lease.id,
+                    lease.caller.uid,
+                    lease.label or "unnamed",
+                )
             self.leases[lease.id] = lease
             recovered.append(lease)
-            log.warning(
-                "lease %s (uid %d, %s) was granted before vfiod restarted; it drains now",
-                lease.id,
-                lease.caller.uid,
-                lease.label or "unnamed",
-            )
+        for name, leftover in remaining.items():  # of no lease we know: let them go
+            for fd in leftover:
+                os.close(fd)
+            self.fd_store.drop(name)
         keep = {str(a) for lease in recovered for a in lease.moved}
         for result in self.binder.repair(keep=keep):
             log.warning(
@@ -972,14 +1053,53 @@ class Broker:
                 result.address,
                 result.error or f"back on {result.restored_to or 'no driver'}",
             )
-        if keep:
-            self.host.refresh(
-                PciAddress.parse(a)
-                for a in keep
-                if os.path.isdir(self.binder.sysfs.device_path(PciAddress.parse(a)))
-            )
+        present = [PciAddress.parse(a) for a in keep]
+        self.host.refresh(a for a in present if a in self.host.inventory.devices)
+        for lease in recovered:
+            if lease.owner_pidfd is not None and exited(lease.owner_pidfd):
+                self.end(lease, f"its owner process {lease.owner_pid} exited while vfiod was down")
         self.drain()
         return recovered
+
+    def _adopt(self, lease: Lease, record: LeaseRecord, fds: Mapping[str, int]) -> bool:
+        """Rebuild the lease's handles from its stored fds; False (with the
+        fds closed) when they are not what the record says."""
+        prefix = f"{lease.id}."
+        try:
+            if lease.backend is Backend.LEGACY:
+                iommu_type = abi.IommuType(record.iommu_type) if record.iommu_type else None
+                container = Container.adopt(self.kernel, fds[prefix + "container"], iommu_type)
+                lease.handles.append(container)
+                for name, fd in fds.items():
+                    if name.startswith(prefix + "group."):
+                        node = name.removeprefix(prefix + "group.")
+                        lease.handles.append(
+                            Group.adopt(self.kernel, fd, node, container, dev_dir=self.dev_vfio)
+                        )
+                for iova, size in record.mappings:
+                    lease.mappings[iova] = DmaMapping.adopt(self.kernel, container, iova, size)
+            else:
+                lease.handles.append(IommuFd(self.kernel, fds[prefix + "iommufd"], "/dev/iommu"))
+        except (VfioError, KeyError, ValueError) as e:
+            log.warning("lease %s: its stored fds cannot be adopted: %s", lease.id, e)
+            adopted = {h.fileno() for h in lease.handles if not h.closed}
+            for handle in lease.handles:
+                handle.close()
+            lease.handles.clear()
+            lease.mappings.clear()
+            for fd in fds.values():
+                if fd not in adopted:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            return False
+        owner = fds.get(prefix + "owner")
+        if owner is not None:
+            lease.owner_pidfd = owner
+            lease.unwatch = self.watcher.watch(
+                owner, lambda: self.end(lease, f"its owner process {lease.owner_pid} exited")
+            )
+        lease.stored = record.fds
+        return True
 
     def _from_record(self, record: LeaseRecord) -> Lease:
         groups = tuple(
@@ -1009,6 +1129,23 @@ class Broker:
     def _notify(self, lease: Lease, change: LeaseChange) -> None:
         for listener in self.listeners:
             listener(lease, change)
+
+    def abandon(self) -> int:
+        """vfiod is restarting and systemd keeps the leases' fds: leave every
+        lease as it is for the next process, undoing nothing. Returns how many."""
+        kept = 0
+        for lease in self.leases.values():
+            if lease.state is LeaseState.ACTIVE and lease.stored:
+                kept += 1
+            for handle in lease.handles:
+                handle.detach()  # closed by the exit, not by an ioctl
+            lease.handles.clear()
+            lease.mappings.clear()
+            if lease.unwatch is not None:
+                lease.unwatch()
+                lease.unwatch = None
+        self.leases.clear()
+        return kept
 
     def shutdown(self) -> None:
         """vfiod is stopping: end every lease; give back what is free now."""

@@ -224,17 +224,21 @@ def _addresses(texts: Sequence[str]) -> list[str]:
 # -- the bus
 
 
+def _strerror(error: sdbus.SdBusLibraryError) -> str:
+    """The errno in an sd-bus library error ("... returned error number: 2"), in words."""
+    found = re.search(r"error number: (\d+)", str(error))
+    return os.strerror(int(found[1]) if found else errno.EIO)
+
+
 @contextlib.contextmanager
 def connect() -> Iterator[Client]:
     """A client on the system bus, or a CommandFailedError that says why there is none."""
     try:
         client = Client()
     except sdbus.SdBusLibraryError as e:
-        found = re.search(r"error number: (\d+)", str(e))
-        err = int(found[1]) if found else errno.EIO
         address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
         raise CommandFailedError(
-            f"cannot connect to the system bus at {address}: {os.strerror(err)}; "
+            f"cannot connect to the system bus at {address}: {_strerror(e)}; "
             "is dbus running (`systemctl status dbus`)?"
         ) from None
     try:
@@ -598,8 +602,9 @@ def _explain(args: argparse.Namespace, addresses: Sequence[str]) -> int:
 
 def _acquire(
     client: Client, addresses: Sequence[str], args: argparse.Namespace, **extra: Any
-) -> Lease:
-    """Acquire with progress lines on stderr when vfiod will rebind devices."""
+) -> tuple[Lease, list[DeviceInfo]]:
+    """Acquire, with progress lines on stderr when vfiod rebinds devices; the
+    lease and the devices vfiod moved to vfio-pci (as they were before)."""
     options = _request_options(args)
     if not args.open_devices:
         options["open_devices"] = False
@@ -617,11 +622,11 @@ def _acquire(
         say(f"binding {names} to vfio-pci; this may take a few seconds")
     lease = client.acquire(addresses, **options, **extra)
     if moving:
-        say(f"{', '.join(d.address for d in moving)} on vfio-pci")
-    return lease
+        say(f"bound to vfio-pci: {', '.join(d.address for d in moving)}")
+    return lease, moving
 
 
-def _release(client: Client, lease: Lease) -> None:
+def _release(client: Client, lease: Lease, moved: Sequence[DeviceInfo] = ()) -> None:
     lease.close()
     try:
         client.release(lease)
@@ -629,6 +634,9 @@ def _release(client: Client, lease: Lease) -> None:
         if e.kind != "NotFound":
             raise
         say(f"lease {lease.id} had ended already")
+    if moved:
+        back = ", ".join(f"{d.address} back on {d.driver}" for d in moved if d.driver)
+        say(f"vfiod puts {back}")
 
 
 class _SignalledError(Exception):
@@ -674,7 +682,7 @@ def _hold() -> str:
 def cmd_acquire(args: argparse.Namespace) -> int:
     addresses = _addresses(args.devices)
     with connect() as client:
-        lease = _acquire(client, addresses, args)
+        lease, moved = _acquire(client, addresses, args)
         try:
             info = client.inventory().leases.get(lease.path)
             devices = list(info.devices) if info else addresses
@@ -706,7 +714,7 @@ def cmd_acquire(args: argparse.Namespace) -> int:
         finally:
             lease.close()
         say(f"{why}: releasing lease {lease.id}")
-        _release(client, lease)
+        _release(client, lease, moved)
     return EXIT_OK
 
 
@@ -843,13 +851,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         # vfiod raises this process's RLIMIT_MEMLOCK, which the command inherits.
         me = os.pidfd_open(os.getpid())
         try:
-            lease = _acquire(client, addresses, args, owner_pidfd=me)
+            lease, moved = _acquire(client, addresses, args, owner_pidfd=me)
         finally:
             os.close(me)
         try:
             argv = substitute(command, lease.fds)
         except UsageError:
-            _release(client, lease)
+            _release(client, lease, moved)
             raise
         waited = {signal.SIGCHLD, *RELAYED}
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
@@ -865,7 +873,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             with _released_anyway(lease):
-                _release(client, lease)
+                _release(client, lease, moved)
     return status
 
 
@@ -880,6 +888,32 @@ def _released_anyway(lease: Lease) -> Iterator[None]:
 
 
 # -- the command line
+
+
+RUN_HELP = """\
+Lease the devices, start COMMAND with the lease's fds open, and when it
+exits release the lease and exit with its status (128 + N when signal N
+ended it; 127 when COMMAND is not found).
+
+In COMMAND, {name} stands for the number of the fd vfiod gave that name:
+  legacy backend:   {container}  {group:10}  {device:0000:00:10.0}
+  iommufd backend:  {iommufd}  {device:0000:00:10.0}
+  no-IOMMU:         {container}  {group:noiommu-0}  {device:0000:00:10.0}
+A placeholder the lease has no fd for, or a misspelt one ({iommfd}), is an
+error before COMMAND starts. Other braces are left as they are (${VAR}, a
+Python f-string's {x}, JSON); {{name}} is a literal {name}.
+
+The lease follows vfioctl's process (owner-pidfd), so it ends if vfioctl is
+killed; vfiod raises vfioctl's locked-memory limit to the policy's
+max-locked-memory, and COMMAND inherits it. SIGINT, SIGTERM, SIGHUP and
+SIGQUIT sent to vfioctl are passed on to COMMAND (a terminal's ^C reaches
+both once). The label defaults to COMMAND's name.
+
+Example:
+  vfioctl run --device 0000:00:10.0 --backend iommufd --managed -- \\
+      qemu-system-x86_64 -object iommufd,id=i0,fd={iommufd} \\
+      -device vfio-pci,iommufd=i0,fd={device:0000:00:10.0} ...
+"""
 
 
 def _request_arguments(p: argparse.ArgumentParser) -> None:
@@ -997,18 +1031,8 @@ def parser() -> argparse.ArgumentParser:
         "run",
         help="run a command (a VMM) with devices, and give them back when it exits",
         usage=f"{PROG} run --device ADDRESS [--device ADDRESS ...] [options] -- COMMAND [ARG ...]",
-        description="Lease the devices, start COMMAND with the lease's fds open, and when "
-        "it exits release the lease and exit with its status. In COMMAND, {name} stands "
-        "for the number of the fd of that name: {container}, {group:10}, "
-        "{device:0000:00:10.0} (legacy backend), {iommufd}, {device:0000:00:10.0} "
-        "(iommufd backend); {{name}} is a literal {name}, and ${...} is left alone. "
-        "A placeholder the lease has no fd for is an error before the command starts. "
-        "The lease follows vfioctl's process (owner-pidfd): vfiod raises its locked-memory "
-        "limit to the policy's max-locked-memory, and the command inherits it. SIGINT, "
-        "SIGTERM, SIGHUP and SIGQUIT are passed on to the command.",
-        epilog="Example: vfioctl run --device 0000:00:10.0 --backend iommufd --managed -- "
-        "qemu-system-x86_64 -object iommufd,id=i0,fd={iommufd} "
-        "-device vfio-pci,iommufd=i0,fd={device:0000:00:10.0} ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=RUN_HELP,
     )
     cmd.add_argument(
         "--device",
@@ -1036,6 +1060,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = plain(e.message) if isinstance(e, VfiodError) else str(e)
         print(f"{PROG}: {message}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILURE
+    except sdbus.SdBusLibraryError as e:  # the bus went away under a call
+        print(f"{PROG}: the system bus connection failed: {_strerror(e)}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except BrokenPipeError:  # `vfioctl list | head`

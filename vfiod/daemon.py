@@ -20,8 +20,8 @@ from typing import Any
 from sdbus import sd_bus_open_system
 from sdbus.sd_bus_internals import SdBus
 
-from vfiod import notify
-from vfiod.broker import Broker
+from vfiod import notify, service_manager
+from vfiod.broker import Broker, FdStore, LeaseState
 from vfiod.bus.credentials import BusDriver, Callers
 from vfiod.bus.service import BusService
 from vfiod.host.binding import Binder, CriticalDevices, ModuleLoader, modprobe
@@ -29,6 +29,7 @@ from vfiod.host.hwdb import HardwareDatabase
 from vfiod.host.sysfs import Sysfs
 from vfiod.host.watcher import Host, UEventMonitor
 from vfiod.policy.load import PolicyError, PolicyHolder
+from vfiod.service_manager import SystemdFdStore
 from vfiod.state import STATE_PATH, StateFile
 from vfiod.vfio import Kernel, LinuxKernel
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 BUS_NAME = "org.vfiod1"
 DRAIN_INTERVAL = 0.5  # seconds between checks whether draining groups are free
 CRITICAL_INTERVAL = 10.0  # seconds between rescans of host-critical devices
+STOP_DRAIN_TIME = 5.0  # seconds a stopping vfiod waits for ended leases to become free
 
 
 class StartupError(Exception):
@@ -58,6 +60,8 @@ class Parts:
     load_module: ModuleLoader = modprobe
     critical: Callable[[], CriticalDevices] | None = None  # None: scan the real host
     open_bus: Callable[[], SdBus] = sd_bus_open_system
+    fd_store: FdStore = dataclasses.field(default_factory=SystemdFdStore)
+    stored_fds: Callable[[], dict[str, list[int]]] = notify.listen_fds
 
 
 def _process_start() -> float:
@@ -138,10 +142,11 @@ class Daemon:
             parts.kernel,
             policy,
             LoopProcessWatcher(asyncio.get_running_loop()),
+            fd_store=parts.fd_store,
             dev_vfio=parts.dev_vfio,
             proc=parts.proc,
         )
-        self.broker.recover()
+        self.broker.recover(parts.stored_fds())
         return self.broker
 
     async def start(self) -> None:
@@ -160,6 +165,7 @@ class Daemon:
                 "is vfiod running as root, and is dbus/org.vfiod1.conf installed in "
                 "/usr/share/dbus-1/system.d?"
             ) from e
+        await self._check_owners(driver)
         self.tasks.append(asyncio.create_task(_every(DRAIN_INTERVAL, self._drain)))
         self.tasks.append(
             asyncio.create_task(_every(CRITICAL_INTERVAL, self.service.refresh_critical))
@@ -177,6 +183,31 @@ class Daemon:
         started = time.clock_gettime(time.CLOCK_BOOTTIME) - self.started
         log.info("ready %.2f s after start: %s", started, status)
         notify.notify("READY=1", f"STATUS={status}")
+
+    async def _check_owners(self, driver: BusDriver) -> None:
+        """Leases adopted after a restart whose caller's connection closed
+        while vfiod was down end now (those following a process are watched)."""
+        assert self.broker is not None
+        for lease in list(self.broker.leases.values()):
+            follows_connection = lease.state is LeaseState.ACTIVE and lease.owner_pidfd is None
+            if follows_connection and not await driver.name_has_owner(lease.owner):
+                self.broker.end(lease, f"its bus connection {lease.owner} closed")
+
+    async def _drain_for(self, seconds: float) -> None:
+        """Give ended leases up to ``seconds`` to become free (their fds leave
+        the fd store asynchronously; clients may be closing theirs). What is
+        still busy then is given back at the next start."""
+        assert self.broker is not None
+        deadline = time.monotonic() + seconds
+        while self.broker.leases and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            self.broker.drain()
+        for lease in self.broker.leases.values():
+            log.warning(
+                "lease %s is still held by its client; its devices are given back at the next "
+                "start",
+                lease.id,
+            )
 
     def _drain(self) -> None:
         assert self.broker is not None
@@ -214,14 +245,25 @@ class Daemon:
             await self.start()
             await self.stop.wait()
         finally:
-            notify.notify("STOPPING=1", "STATUS=stopping: ending leases")
-            await self.close()
+            restarting = (
+                self.bus is not None and await service_manager.pending_job(self.bus)
+            ) in service_manager.RESTART_JOBS
+            await self.close(keep_leases=restarting)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
 
-    async def close(self) -> None:
+    async def close(self, *, keep_leases: bool = False) -> None:
+        """Stop: end every lease and give devices back; or, when systemd
+        restarts vfiod and keeps the fds, leave the leases to the next process."""
         if self.broker is not None:
-            self.broker.shutdown()
+            if keep_leases:
+                kept = self.broker.abandon()
+                notify.notify("STOPPING=1", f"STATUS=restarting: {kept} lease(s) kept")
+                log.info("restarting: %d lease(s) stay with their fds in systemd's fd store", kept)
+            else:
+                notify.notify("STOPPING=1", "STATUS=stopping: ending leases")
+                self.broker.shutdown()
+                await self._drain_for(STOP_DRAIN_TIME)
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:

@@ -64,6 +64,8 @@ class LeaseRecord:
     max_locked_memory: int | None = None
     moved: tuple[str, ...] = ()  # devices vfiod moved to vfio-pci for this lease
     fds: tuple[str, ...] = ()  # names of the fds vfiod holds for it (the fd store's FDNAMEs)
+    iommu_type: int | None = None  # of its container (legacy)
+    mappings: tuple[tuple[int, int], ...] = ()  # (IOVA, size) mapped through MapDma
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +143,8 @@ def _lease_record(lease_id: str, entry: Any) -> LeaseRecord:
         max_locked_memory=_optional_int(entry.get("max_locked_memory")),
         moved=tuple(str(d) for d in entry.get("moved", ())),
         fds=tuple(str(f) for f in entry.get("fds", ())),
+        iommu_type=_optional_int(entry.get("iommu_type")),
+        mappings=tuple((int(i), int(n)) for i, n in entry.get("mappings", ())),
     )
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from tests.bus import ADDRESS_VARIABLE, NOBODY, PrivateBus, RunResult
 from tests.bus.vfiod import Clients, Spawned, VfiodProcess, run_vfiod
 from tests.fakehost import E1000_A, E1000_B, NIC, SATA, build
 from vfiod.cli import main, placeholders, substitute
+from vfiod.client import Client
 
 
 def _can_raise_limits() -> bool:
@@ -54,30 +55,19 @@ companions = true
 # vfioctl as a client snippet (for Clients.spawn): its stdout is the test's.
 VFIOCTL = "from vfiod.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 
-# The command `vfioctl run` starts: it reports on the fds it was given (its
-# arguments 1-3), on the lease vfioctl holds for it and on vfioctl's own fds,
-# then exits with 7.
-CHILD = """\
-import json, os, resource, sys
-from vfiod.client import Client
-fds = sys.argv[1:4]
-with Client() as vfiod:
-    leases = vfiod.inventory().leases
-vfioctl_fds = []
-for fd in os.listdir(f"/proc/{os.getppid()}/fd"):
-    try:
-        vfioctl_fds.append(os.readlink(f"/proc/{os.getppid()}/fd/{fd}"))
-    except FileNotFoundError:
-        pass
-print(json.dumps({
-    "targets": [os.readlink(f"/proc/self/fd/{fd}") for fd in fds],
-    "literal": sys.argv[4:],
-    "memlock": resource.getrlimit(resource.RLIMIT_MEMLOCK),
-    "leases": [[l.label, l.pid, l.uid, list(l.devices)] for l in leases.values()],
-    "ppid": os.getppid(),
-    "vfioctl_vfio_fds": [t for t in vfioctl_fds if "vfio-fake" in t],
-}), flush=True)
-sys.exit(7)
+# The command `vfioctl run` starts (as `sh -c CHILD sh ARGS...`): it says,
+# in one line of JSON, what it was given (its arguments; what its fds $1, $2
+# and $3 are), its locked-memory limit, its parent (vfioctl) and how many of
+# the fake kernel's fds that parent still has; waits for a line on stdin;
+# exits with 7.
+CHILD = r"""
+said='['
+for arg in "$@"; do said="$said\"$arg\", "; done
+for fd in "$1" "$2" "$3"; do said="$said\"$(readlink "/proc/self/fd/$fd")\", "; done
+said="$said\"$(ulimit -l)\", \"$PPID\", \"$(ls -l "/proc/$PPID/fd" | grep -c vfio-fake)\"]"
+printf '%s\n' "$said"
+read -r line
+exit 7
 """
 
 
@@ -90,6 +80,10 @@ def vfiod(private_bus: PrivateBus, tmp_path: Path) -> Iterator[VfiodProcess]:
 @pytest.fixture
 def nobody(private_bus: PrivateBus) -> Clients:
     return Clients(private_bus)
+
+
+def root_client(bus: PrivateBus) -> Client:
+    return Client(bus.connect())
 
 
 def vfioctl(bus: PrivateBus, *args: str, env: dict[str, str] | None = None) -> RunResult:
@@ -319,13 +313,14 @@ def test_acquire_holds_the_lease_until_input_ends_or_a_signal(
     assert vfiod.driver(str(NIC)) == "vfio-pci"
     err = held.finish()  # closes its stdin
     assert "vfioctl: binding 0000:00:10.0 (e1000e) to vfio-pci; this may take a few seconds" in err
-    assert "vfioctl: 0000:00:10.0 on vfio-pci" in err
+    assert "vfioctl: bound to vfio-pci: 0000:00:10.0" in err
+    assert "vfioctl: vfiod puts 0000:00:10.0 back on e1000e" in err
     assert f"vfioctl: end of input: releasing lease {grant['lease']}" in err
     vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")
 
     held = nobody.spawn(VFIOCTL, "acquire", "--managed", str(E1000_A))
     try:
-        assert vfiod_line(held).startswith("lease ")
+        assert first_line(held).startswith("lease ")
         held.process.send_signal(signal.SIGTERM)
         _, err = held.process.communicate(timeout=20)
     finally:
@@ -337,9 +332,10 @@ def test_acquire_holds_the_lease_until_input_ends_or_a_signal(
     assert vfiod.state()["leases"] == {}
 
 
-def vfiod_line(spawned: Spawned) -> str:
-    """One line of plain output from a spawned vfioctl."""
+def first_line(spawned: Spawned, timeout: float = 20.0) -> str:
+    """The first line of plain output from a spawned vfioctl."""
     assert spawned.process.stdout is not None
+    assert select.select([spawned.process.stdout], [], [], timeout)[0], "vfioctl said nothing"
     return spawned.process.stdout.readline()
 
 
@@ -365,43 +361,47 @@ say({"pid": child.pid, "lease": lease.id})
         os.kill(out["pid"], signal.SIGKILL)
 
 
-def test_run_gives_the_command_its_fds_and_releases_after(vfiod: VfiodProcess) -> None:
-    result = vfioctl(
-        vfiod.bus,
-        "run",
-        "--device",
-        str(NIC),
-        "--managed",
-        "--",
-        sys.executable,
-        "-c",
-        CHILD,
-        "{container}",
-        "{group:10}",
-        "{device:0000:00:10.0}",
-        "{{iommufd}}",
-        "${HOME}",
-    )
-    assert result.returncode == 7, result.stderr
-    report = json.loads(result.stdout)
-    assert report["targets"] == [
+def test_run_gives_the_command_its_fds_and_releases_after(
+    vfiod: VfiodProcess, nobody: Clients
+) -> None:
+    fds = ["{container}", "{group:10}", "{device:0000:00:10.0}"]
+    literal = ["{{iommufd}}", "${HOME}", "{fd}"]
+    running = nobody.spawn(
+        VFIOCTL, "run", "--device", "00:10.0", "--managed", "--", "sh", "-c", CHILD, "sh",
+        *fds, *literal,
+    )  # fmt: skip
+    try:
+        said = running.read()
+        with root_client(vfiod.bus) as root:
+            leases = list(root.inventory().leases.values())
+        assert vfiod.driver(str(NIC)) == "vfio-pci"
+        running.send()  # the command ends
+        _, err = running.process.communicate(timeout=20)
+    finally:
+        if running.process.poll() is None:
+            running.kill()
+    assert running.process.returncode == 7, err
+    numbers, given, targets = said[:3], said[3:6], said[6:9]
+    memlock, vfioctl_pid, vfioctl_vfio_fds = said[9:]
+    assert all(n.isdigit() for n in numbers)
+    assert given == ["{iommufd}", "${HOME}", "{fd}"]
+    assert targets == [
         "/memfd:vfio-fake:/dev/vfio/vfio (deleted)",
         "/memfd:vfio-fake:/dev/vfio/10 (deleted)",
         "/memfd:vfio-fake:device 0000:00:10.0 of /dev/vfio/10 (deleted)",
     ]
-    assert report["literal"] == ["{iommufd}", "${HOME}"]
-    # The lease follows vfioctl (the command's parent), labelled with the
+    # The lease follows vfioctl, the command's parent, and is labelled with the
     # command's name; vfioctl keeps no copy of the fds.
-    [(label, pid, uid, devices)] = report["leases"]
-    assert (label, pid, uid, devices) == (os.path.basename(sys.executable), report["ppid"],
-                                          NOBODY, [str(NIC)])  # fmt: skip
-    assert report["vfioctl_vfio_fds"] == []
+    [lease] = leases
+    assert (lease.label, lease.pid, lease.uid, lease.devices) == ("sh", int(vfioctl_pid), NOBODY,
+                                                                  (str(NIC),))  # fmt: skip
+    assert vfioctl_vfio_fds == "0"
     # vfiod raised vfioctl's locked-memory limit to the rule's max-locked-memory (where
     # it has CAP_SYS_RESOURCE); the command inherited it.
     if CAN_RAISE:
-        assert report["memlock"] == [RULE_MEMLOCK, RULE_MEMLOCK]
-    assert "vfioctl: binding 0000:00:10.0 (e1000e) to vfio-pci" in result.stderr
-    assert "Traceback" not in result.stderr
+        assert memlock == str(RULE_MEMLOCK // 1024)
+    assert "vfioctl: binding 0000:00:10.0 (e1000e) to vfio-pci" in err
+    assert "Traceback" not in err
     vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")
     assert vfiod.state()["leases"] == {}
 
@@ -448,3 +448,49 @@ def test_run_passes_signals_on_and_exits_with_the_command(
     assert "Traceback" not in err
     vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")
     assert vfiod.state()["leases"] == {}
+
+
+NOIOMMU_POLICY = """
+[[rule]]
+name = "nobody-noiommu"
+effect = "allow"
+address = "0000:00:10.0"
+users = ["nobody"]
+managed = true
+unsafe-noiommu = true
+"""
+
+
+def test_run_with_a_noiommu_device(private_bus: PrivateBus, tmp_path: Path) -> None:
+    directory = tmp_path / "vfiod"
+    directory.mkdir()
+    (directory / "vfiod.toml").write_text("allow-unsafe-noiommu = true\n")
+    with run_vfiod(private_bus, directory, NOIOMMU_POLICY, topology="noiommu") as daemon:
+        listed = vfioctl(private_bus, "list").check().stdout
+        assert "-      -       0000:00:10.0  8086:10d3  e1000e" in listed
+        assert "no IOMMU group: assignable only in unsafe no-IOMMU mode" in listed
+        shown = vfioctl(private_bus, "show", str(NIC)).check().stdout
+        assert "group     none: no IOMMU, so only unsafe no-IOMMU mode can assign it" in shown
+        no_consent = vfioctl(private_bus, "acquire", "--managed", str(NIC))
+        assert no_consent.returncode == 1
+        assert "ask with --unsafe-noiommu" in one_line(no_consent)
+        ran = vfioctl(
+            private_bus, "run", "--device", str(NIC), "--managed", "--unsafe-noiommu", "--",
+            "sh", "-c", 'readlink "/proc/self/fd/$1"', "sh", "{group:noiommu-0}",
+        ).check()  # fmt: skip
+        assert ran.stdout == "/memfd:vfio-fake:/dev/vfio/noiommu-0 (deleted)\n"
+        assert "binding 0000:00:10.0 (e1000e) to vfio-pci" in ran.stderr
+        daemon.wait_for(lambda: daemon.driver(str(NIC)) == "e1000e", "e1000e coming back")
+
+
+def test_run_with_the_iommufd_backend(vfiod: VfiodProcess) -> None:
+    ran = vfioctl(
+        vfiod.bus, "run", "--device", str(NIC), "--managed", "--backend", "iommufd", "--",
+        "sh", "-c", 'readlink "/proc/self/fd/$1" "/proc/self/fd/$2"', "sh",
+        "{iommufd}", "{device:0000:00:10.0}",
+    ).check()  # fmt: skip
+    iommufd, cdev = ran.stdout.splitlines()
+    assert iommufd == "/memfd:vfio-fake:/dev/iommu (deleted)"
+    assert cdev.startswith("/memfd:vfio-fake:/dev/vfio/devices/vfio")
+    assert "vfioctl: vfiod puts 0000:00:10.0 back on e1000e" in ran.stderr
+    vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")

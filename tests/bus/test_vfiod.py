@@ -4,10 +4,10 @@ clients run as nobody in their own processes and get real fds."""
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 import os
 import signal
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,12 +148,15 @@ sys.stdin.readline()
         str(NIC),
     )
     try:
-        client.read()
+        lease_id = client.read().rsplit("/", 1)[1]
         assert vfiod.driver(str(NIC)) == "vfio-pci"
+        # systemd keeps what vfiod holds for the lease, for a restart.
+        assert vfiod.fd_store == [f"{lease_id}.container", f"{lease_id}.group.10"]
     finally:
         client.kill()  # holding its device fd until the kernel closes it
     vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")
     assert vfiod.state()["leases"] == {}
+    assert vfiod.fd_store == []
 
 
 def test_a_lease_follows_its_owner_process(vfiod: VfiodProcess, nobody: Clients) -> None:
@@ -328,7 +331,11 @@ sys.stdin.readline()
             policy.write_text(POLICY.replace('users = ["nobody"]', 'users = ["daemon"]'))
             with root_client(private_bus) as root:
                 root.reload_policy()
-                assert lease_path not in root.inventory().leases
+                assert lease_path not in root.inventory().leases, (
+                    daemon.log(),
+                    daemon.notices,
+                    daemon.fd_store,
+                )
             daemon.wait_for(lambda: daemon.driver(str(NIC)) == "e1000e", "revocation")
             assert "no longer allows 0000:00:10.0" in daemon.log()
         finally:

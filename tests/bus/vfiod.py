@@ -18,7 +18,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,40 @@ from vfiod.pci import PciAddress
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+
+# The service manager's side of NOTIFY_SOCKET, as systemd does it where it
+# matters here: every line goes to notices.log; FDSTORE=1 keeps the fds it
+# carries under FDNAME (replacing), FDSTOREREMOVE=1 closes them; the names in
+# the store go to fdstore.json. Ends on SIGTERM, closing whatever it holds.
+SERVE_NOTIFY = """\
+import json, os, signal, socket, sys
+path, directory = sys.argv[1], sys.argv[2]
+if os.path.exists(path):
+    os.unlink(path)
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.bind(path)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+store = {}
+print("listening", flush=True)
+with open(os.path.join(directory, "notices.log"), "a") as notices:
+    while True:
+        data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 253)
+        lines = data.decode().splitlines()
+        notices.write("".join(line + "\\n" for line in lines))
+        notices.flush()
+        fields = dict(line.split("=", 1) for line in lines if "=" in line)
+        name = fields.get("FDNAME", "stored")
+        if fields.get("FDSTORE") == "1" and fds:
+            if name in store:
+                os.close(store.pop(name))
+            store[name] = fds.pop()
+        if fields.get("FDSTOREREMOVE") == "1" and name in store:
+            os.close(store.pop(name))
+        for fd in fds:
+            os.close(fd)
+        with open(os.path.join(directory, "fdstore.json"), "w") as f:
+            json.dump(sorted(store), f)
+"""
 
 # Prepended to client snippets: the project's own client, as nobody.
 CLIENT = """\
@@ -81,8 +114,7 @@ class VfiodProcess:
         self.policy_root = policy_root
         self.log_path = directory / "vfiod.log"
         self.process: subprocess.Popen[bytes] | None = None
-        self.notify: socket.socket | None = None
-        self.notices: list[str] = []  # what vfiod told its "service manager"
+        self.manager: subprocess.Popen[bytes] | None = None  # see serve_notify
 
     @property
     def policy_file(self) -> Path:
@@ -108,11 +140,35 @@ class VfiodProcess:
                 names.append(os.readlink(f"/proc/{self.pid}/fd/{fd}"))
         return names
 
+    @property
+    def notices(self) -> list[str]:
+        """What vfiod told its service manager so far, line by line."""
+        path = self.directory / "notices.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+    @property
+    def fd_store(self) -> list[str]:
+        """The names of the fds in its fd store now."""
+        path = self.directory / "fdstore.json"
+        return list(json.loads(path.read_text())) if path.exists() else []
+
     def start(self) -> None:
         notify_path = self.directory / "notify.sock"
-        notify_path.unlink(missing_ok=True)
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.notify.bind(str(notify_path))
+        (self.directory / "notices.log").unlink(missing_ok=True)
+        # The service manager runs in a process of its own: a thread of the
+        # test would stall while the test sits in a blocking D-Bus call.
+        self.manager = subprocess.Popen(
+            [sys.executable, "-s", "-c", SERVE_NOTIFY, str(notify_path), str(self.directory)],
+            env=_child_env(None, {}),
+            cwd=PROJECT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+        )
+        assert self.manager.stdout is not None
+        if self.manager.stdout.readline().strip() != b"listening":
+            self.stop()
+            raise RuntimeError("the notify socket's listener did not start")
+        self.manager.stdout.close()
         env = _child_env(self.bus.address, {"NOTIFY_SOCKET": str(notify_path)})
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -125,22 +181,13 @@ class VfiodProcess:
             )
         deadline = time.monotonic() + START_TIMEOUT
         while "READY=1" not in self.notices:
-            left = deadline - time.monotonic()
             if self.process.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"vfiod exited at start:\n{self.log()}")
-            if left <= 0:
+            if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"vfiod was not ready in {START_TIMEOUT} s:\n{self.log()}")
-            self.read_notices(min(left, 0.2))
-
-    def read_notices(self, timeout: float = 0.0) -> list[str]:
-        """What vfiod sent to NOTIFY_SOCKET so far."""
-        assert self.notify is not None
-        while select.select([self.notify], [], [], timeout)[0]:
-            self.notices += self.notify.recv(4096).decode().splitlines()
-            timeout = 0.0
-        return self.notices
+            time.sleep(0.05)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -158,10 +205,11 @@ class VfiodProcess:
                 process.wait()
                 raise AssertionError(f"vfiod did not stop on SIGTERM:\n{self.log()}") from None
         finally:
-            if self.notify is not None:
-                self.read_notices()
-                self.notify.close()
-                self.notify = None
+            manager, self.manager = self.manager, None
+            if manager is not None:
+                time.sleep(0.1)  # the last messages (STOPPING=1) are read
+                manager.terminate()
+                manager.wait()
 
     def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

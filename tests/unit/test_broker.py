@@ -607,3 +607,113 @@ def test_check_access_explains(world: World) -> None:
     assert "alice-nic" in results[0][2]
     assert "no PCI device" in results[2][2]
     assert "malformed" in results[3][2]
+
+
+class FakeFdStore:
+    """systemd's fd store: keeps a duplicate of each fd by name, passes
+    duplicates to the next process, closes its own when told to drop."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+
+    def keep(self, name: str, fd: int) -> None:
+        assert name not in self.fds, f"{name} stored twice"
+        self.fds[name] = os.dup(fd)
+
+    def drop(self, name: str) -> None:
+        fd = self.fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def passed(self) -> dict[str, list[int]]:
+        """What a restarted vfiod finds in LISTEN_FDS."""
+        return {name: [os.dup(fd)] for name, fd in self.fds.items()}
+
+    def close(self) -> None:
+        for name in list(self.fds):
+            self.drop(name)
+
+
+def die(broker: Broker) -> None:
+    """The process ends: its fds close, nothing else happens (no ioctl)."""
+    for lease in broker.leases.values():
+        for handle in lease.handles:
+            os.close(handle.fileno())
+            handle._fd = None
+        if lease.owner_pidfd is not None:
+            os.close(lease.owner_pidfd)
+            lease.owner_pidfd = None
+    broker.host.listeners.clear()
+
+
+def restarted(w: World, store: FakeFdStore) -> Broker:
+    return Broker(
+        Host(w.host.sysfs, w.host.state),
+        Binder(w.host.sysfs, w.host.state, load_module=no_modules, critical=dict),
+        w.host.kernel,
+        PolicyHolder(str(w.host.policy_root)),
+        ManualWatcher(),
+        fd_store=store,
+    )
+
+
+def test_a_restart_with_the_fd_store_keeps_leases_active(tmp_path: Path) -> None:
+    w = make_world(tmp_path)
+    store = FakeFdStore()
+    w.broker.fd_store = store
+    try:
+        grant = w.acquire()
+        legacy_id = grant.lease.id
+        assert sorted(store.fds) == [f"{legacy_id}.container", f"{legacy_id}.group.10"]
+        memfd = os.memfd_create("guest-ram")
+        os.ftruncate(memfd, MiB)
+        w.broker.map_dma(legacy_id, ALICE, memfd, 0, 64 << 10, 0)
+        os.close(memfd)
+        device_fd = grant.fds.pop("device:0000:00:10.0")
+        close_all(grant.fds)
+        die(w.broker)
+
+        again = restarted(w, store)
+        (lease,) = again.recover(store.passed())
+        assert lease.id == legacy_id
+        assert lease.state is LeaseState.ACTIVE
+        assert w.host.sysfs.driver(NIC) == "vfio-pci"
+        with pytest.raises(Busy):
+            again.acquire(BOB, None, ":1.9", [str(NIC)], LEGACY)
+        # The mapping made before the restart is still there, and still ours.
+        container = lease.container
+        assert container is not None
+        assert [(m.iova, m.size) for m in w.host.kernel.mappings(container.fileno())] == [
+            (0, 64 << 10)
+        ]
+        again.unmap_dma(legacy_id, ALICE, 0, 64 << 10)
+        assert w.host.kernel.mappings(container.fileno()) == ()
+        os.close(device_fd)
+        again.release(legacy_id, ALICE)
+        assert again.leases == {}
+        assert w.host.sysfs.driver(NIC) == "e1000e"
+        assert store.fds == {}
+        assert w.host.state.load().leases == {}
+    finally:
+        store.close()
+
+
+def test_a_restart_with_stale_or_missing_fds_drains(tmp_path: Path) -> None:
+    w = make_world(tmp_path)
+    store = FakeFdStore()
+    w.broker.fd_store = store
+    try:
+        grant = w.acquire()
+        close_all(grant.fds)
+        die(w.broker)
+        passed = store.passed()
+        group_name = f"{grant.lease.id}.group.10"
+        os.close(passed.pop(group_name)[0])  # systemd lost one (FileDescriptorStoreMax)
+        passed["stranger.container"] = [os.dup(passed[f"{grant.lease.id}.container"][0])]
+        again = restarted(w, store)
+        (lease,) = again.recover(passed)
+        assert lease.state is LeaseState.FREE, "drained at once: nobody holds the group"
+        assert w.host.sysfs.driver(NIC) == "e1000e"
+        assert store.fds == {}
+    finally:
+        store.close()

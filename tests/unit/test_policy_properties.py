@@ -50,7 +50,8 @@ PROJECT = Path(__file__).resolve().parents[2]
 SAMPLES = [p.read_text() for p in sorted((PROJECT / "policy/examples").glob("*.toml"))] + [
     (PROJECT / "policy/vfiod.toml").read_text()
 ]
-FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEWER = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def load_text(text: str | bytes, *, as_settings: bool = False) -> LoadResult:
@@ -255,7 +256,21 @@ _ADDRESSES = st.builds(
     st.integers(0, 7),
 )
 _HEX4 = st.integers(0, 0xFFFF)
-_NAME = st.from_regex(r"[a-z_][a-z0-9_-]{0,12}", fullmatch=True)
+_NAME = st.builds(
+    str.__add__,
+    st.sampled_from("abcdefghijklmnopqrstuvwxyz_"),
+    st.text("abcdefghijklmnopqrstuvwxyz0123456789_-", max_size=12),
+)
+
+
+Choices = tuple[st.SearchStrategy[Value], st.SearchStrategy[Value]]  # (valid, invalid)
+
+
+def _flag(field: str, bad: list[str]) -> Choices:
+    return (
+        st.booleans().map(lambda b: Value(str(b).lower(), True, field, b)),
+        st.sampled_from(bad).map(lambda t: Value(t, False)),
+    )
 
 
 def _one_or_many(
@@ -264,8 +279,8 @@ def _one_or_many(
     field: str,
     *,
     split: Callable[[list[Any]], dict[str, tuple[Any, ...]]] | None = None,
-) -> st.SearchStrategy[Value]:
-    """A list selector: one item or an array of valid items, or a bad value."""
+) -> Choices:
+    """A list selector: one item or an array of valid items; or a bad value."""
 
     def valid(items: list[tuple[str, Any]], single: bool) -> Value:
         values = [v for _, v in items]
@@ -280,7 +295,7 @@ def _one_or_many(
         st.tuples(item, bad).map(lambda pair: Value(array([pair[0][0], pair[1]]), False)),
         st.just(Value("[]", False)),
     )
-    return st.one_of(good, invalid)
+    return good, invalid
 
 
 def _address_item() -> st.SearchStrategy[tuple[str, Any]]:
@@ -326,7 +341,7 @@ _BAD_ACCOUNT = st.one_of(
 )
 
 
-KEY_VALUES: dict[str, st.SearchStrategy[Value]] = {
+KEY_VALUES: dict[str, Choices] = {
     "address": _one_or_many(
         _address_item(),
         st.sampled_from(
@@ -386,38 +401,26 @@ KEY_VALUES: dict[str, st.SearchStrategy[Value]] = {
         st.sampled_from([q("machine"), q(""), q("a.service"), "true"]),
         "slices",
     ),
-    "managed": st.one_of(
-        st.booleans().map(lambda b: Value(str(b).lower(), True, "managed", b)),
-        st.sampled_from(["1", q("yes"), "[true]"]).map(lambda t: Value(t, False)),
-    ),
-    "companions": st.one_of(
-        st.booleans().map(lambda b: Value(str(b).lower(), True, "companions", b)),
-        st.sampled_from(["0", q("no")]).map(lambda t: Value(t, False)),
-    ),
-    "unsafe-noiommu": st.one_of(
-        st.booleans().map(lambda b: Value(str(b).lower(), True, "unsafe_noiommu", b)),
-        st.just(Value("1", False)),
-    ),
-    "restore-driver": st.one_of(
-        st.booleans().map(lambda b: Value(str(b).lower(), True, "restore_driver", b)),
-        st.just(Value(q("true"), False)),
-    ),
-    "backends": st.one_of(
-        st.permutations(["legacy", "iommufd"])
-        .flatmap(lambda p: st.integers(1, 2).map(lambda n: tuple(p[:n])))
-        .map(lambda b: Value(array([q(x) for x in b]), True, "backends", b)),
-        st.just(Value(q("iommufd"), True, "backends", ("iommufd",))),
+    "managed": _flag("managed", ["1", q("yes"), "[true]"]),
+    "companions": _flag("companions", ["0", q("no")]),
+    "unsafe-noiommu": _flag("unsafe_noiommu", ["1"]),
+    "restore-driver": _flag("restore_driver", [q("true")]),
+    "backends": (
+        st.sampled_from(
+            [("legacy",), ("iommufd",), ("legacy", "iommufd"), ("iommufd", "legacy")]
+        ).map(lambda b: Value(array([q(x) for x in b]), True, "backends", b))
+        | st.just(Value(q("iommufd"), True, "backends", ("iommufd",))),
         st.sampled_from(
             [array([q("vfio")]), "[]", array([q("legacy"), q("legacy")]), "1", q("LEGACY")]
         ).map(lambda t: Value(t, False)),
     ),
-    "max-leases": st.one_of(
+    "max-leases": (
         st.integers(1, 2**31 - 1).map(lambda n: Value(str(n), True, "max_leases", n)),
         st.sampled_from(["0", "-3", "1.0", q("2"), "true"]).map(lambda t: Value(t, False)),
     ),
-    "max-locked-memory": st.one_of(
-        st.integers(1, 2**40).map(lambda n: Value(str(n), True, "max_locked_memory", n)),
-        st.tuples(st.integers(1, 4096), st.sampled_from(["K", "M", "G", "T", "Gi", "GiB"])).map(
+    "max-locked-memory": (
+        st.integers(1, 2**40).map(lambda n: Value(str(n), True, "max_locked_memory", n))
+        | st.tuples(st.integers(1, 4096), st.sampled_from(["K", "M", "G", "T", "Gi", "GiB"])).map(
             lambda p: Value(
                 q(f"{p[0]}{p[1]}"),
                 True,
@@ -429,13 +432,17 @@ KEY_VALUES: dict[str, st.SearchStrategy[Value]] = {
             lambda t: Value(t, False)
         ),
     ),
-    "comment": st.one_of(
+    "comment": (
         st.text(st.characters(codec="utf-8"), max_size=30).map(
             lambda c: Value(q(c), True, "comment", c)
         ),
         st.just(Value("5", False)),
     ),
 }
+
+
+VALID = {k: v[0] for k, v in KEY_VALUES.items()}
+INVALID = {k: v[1] for k, v in KEY_VALUES.items()}
 
 
 @dataclasses.dataclass
@@ -449,12 +456,9 @@ class GeneratedRule:
     problems: set[str]  # keys the loader must name
 
 
-def _valid(value: Value) -> bool:
-    return value.valid
-
-
-def _invalid(value: Value) -> bool:
-    return not value.valid
+# True about one time in 16. Not st.integers(...) == 0: hypothesis favours
+# boundary values, which would make the rare case common.
+RARE = st.integers(0, 15).map(lambda n: n == 7)
 
 
 def expected_problems(effect: str, values: dict[str, Value], written: set[str]) -> set[str]:
@@ -484,24 +488,21 @@ def generated_rule(draw: st.DrawFn, name: str, first_line: int) -> GeneratedRule
     # Mostly valid rules, so that both outcomes are common: each kind of
     # mistake is rare on its own.
     effect = draw(st.sampled_from(["allow", "allow", "allow", "deny"]))
-    if not draw(st.integers(0, 14)):
+    if draw(RARE):
         effect = "permit"
-    keys = draw(st.sets(st.sampled_from(sorted(KEY_VALUES)), max_size=7))
-    if draw(st.integers(0, 14)):  # one device and one caller selector
+    keys = draw(st.sets(st.sampled_from(sorted(KEY_VALUES)), max_size=6))
+    if not draw(RARE):  # one device and one caller selector
         keys.add(draw(st.sampled_from(DEVICE_KEYS)))
         keys.add(draw(st.sampled_from(CALLER_KEYS)))
-    if effect == "deny" and draw(st.integers(0, 5)):
+    if effect == "deny" and not draw(RARE):
         keys -= set(GRANT_KEYS)
-    values = {}
-    for key in sorted(keys):
-        wanted = _invalid if not draw(st.integers(0, 19)) else _valid
-        values[key] = draw(KEY_VALUES[key].filter(wanted))
+    values = {k: draw(INVALID[k] if draw(RARE) else VALID[k]) for k in sorted(keys)}
     unknown = None
-    if not draw(st.integers(0, 14)):
+    if draw(RARE):
         unknown = draw(st.sampled_from(["vendr", "max_leases", "grants", "x"]))
 
     body: list[tuple[str, str]] = []
-    if draw(st.integers(0, 19)):
+    if not draw(RARE):
         body.append(("name", q(name)))
     body.append(("effect", q(effect)))
     body.extend((k, v.toml) for k, v in values.items())
@@ -523,7 +524,7 @@ def generated_rule(draw: st.DrawFn, name: str, first_line: int) -> GeneratedRule
 
 @st.composite
 def generated_file(draw: st.DrawFn) -> list[GeneratedRule]:
-    names = draw(st.lists(_NAME, min_size=1, max_size=3, unique=True))
+    names = draw(st.lists(_NAME, min_size=1, max_size=2, unique=True))
     rules = []
     line = 1
     for name in names:
@@ -611,26 +612,30 @@ CALLERS = [
 LEGACY = Request("legacy", False, False)
 
 
-def _pick(options: list[Any]) -> st.SearchStrategy[tuple[Any, ...]]:
-    return st.lists(st.sampled_from(options), max_size=2, unique=True).map(tuple)
+SELECTOR_OPTIONS: dict[str, list[Any]] = {
+    "addresses": [*ADDRESSES, "0000:00:*", "0000:01:00.?", "*", "0000:0[01]:*"],
+    "vendors": [0x8086, 0x10DE, 0x1AF4],
+    "classes": ["02", "0300", "01"],
+    "iommu_groups": ["1", "10", "5"],
+    "drivers": ["e1000e", "none", "*vfio*", "a*"],
+    "users": ["alice", "bob", "root", WILDCARD],
+    "uids": [0, 1001, 4242],
+    "groups": ["kvm", "bob", WILDCARD],
+    "gids": [107, 4242],
+    "units": ["vm@*.service", "machine-qemu*.scope", "*"],
+    "slices": ["machine.slice", "user-*.slice"],
+}
 
 
 @st.composite
 def rules(draw: st.DrawFn, index: int) -> Rule:
+    """A rule using a few selectors (any, even none: decide() must cope with
+    hand-built rules the loader would refuse)."""
     effect = draw(st.sampled_from([Effect.ALLOW, Effect.ALLOW, Effect.DENY]))
-    addresses = _pick([*ADDRESSES, "0000:00:*", "0000:01:00.?", "*", "0000:0[01]:*"])
-    fields: dict[str, Any] = {
-        "addresses": draw(addresses),
-        "vendors": draw(_pick([0x8086, 0x10DE, 0x1AF4])),
-        "classes": draw(_pick(["02", "0300", "01"])),
-        "iommu_groups": draw(_pick(["1", "10", "5"])),
-        "drivers": draw(_pick(["e1000e", "none", "*vfio*", "a*"])),
-        "users": draw(_pick(["alice", "bob", "root", WILDCARD])),
-        "uids": draw(_pick([0, 1001, 4242])),
-        "groups": draw(_pick(["kvm", "bob", WILDCARD])),
-        "gids": draw(_pick([107, 4242])),
-        "units": draw(_pick(["vm@*.service", "machine-qemu*.scope", "*"])),
-        "slices": draw(_pick(["machine.slice", "user-*.slice"])),
+    kinds = draw(st.sets(st.sampled_from(sorted(SELECTOR_OPTIONS)), max_size=4))
+    fields = {
+        kind: tuple(draw(st.lists(st.sampled_from(SELECTOR_OPTIONS[kind]), min_size=1, max_size=2)))
+        for kind in kinds
     }
     grants = Grants()
     if effect is Effect.ALLOW:
@@ -697,7 +702,7 @@ def assert_fast_path_agrees(
     assert len(full.trace) == len(policy.rules)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     policies(),
     st.sampled_from(CALLERS),
@@ -768,8 +773,8 @@ def test_decide_follows_the_documented_semantics(
         assert decision.grants == winner.grants
 
 
-@FAST
-@given(st.lists(st.sampled_from(CALLERS), min_size=1, max_size=6), policies())
+@FEWER
+@given(st.lists(st.sampled_from(CALLERS), min_size=1, max_size=4), policies())
 def test_caller_views_do_not_leak_between_callers(callers: list[Caller], policy: Policy) -> None:
     """The per-caller index cache: asking for callers in any order, or a copy
     of a caller, gives what a fresh policy gives."""

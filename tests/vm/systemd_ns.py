@@ -61,6 +61,7 @@ BOOT_TIMEOUT = 180.0  # seconds from unshare to `running`, under QEMU TCG
 STOP_TIMEOUT = 60.0  # seconds for `systemctl poweroff` to end the namespace
 COMMAND_TIMEOUT = 60.0  # seconds for one command in the namespace
 POLL_INTERVAL = 0.2
+POWEROFF_SIGNAL = signal.SIGRTMIN + 4  # systemd(1): "SIGRTMIN+4: poweroff.target"
 
 TARGET_UNIT = """\
 [Unit]
@@ -295,14 +296,15 @@ class SystemdNamespace:
         files.update(self.files)
         overlays = _overlays_for(files)
         staged = self.workdir / "files"
-        staged.mkdir()
+        for made in (staged, self.workdir / "overlays", self.workdir / "udev"):
+            made.mkdir()
         q = shlex.quote
         lines = [
             "set -eu",
             f"cd {q(str(self.workdir))}",
             "# systemd's console is the FIFO that the harness drains",
             "mount --no-canonicalize --bind console /dev/console",
-            "mount -t tmpfs -o mode=0700 vfiod-ns-overlays overlays",
+            f"mount -t tmpfs -o mode=0700 vfiod-ns-overlays {q(str(self.workdir / 'overlays'))}",
         ]
         for i, directory in enumerate(overlays):
             upper, work = f"{self.workdir}/overlays/{i}/upper", f"{self.workdir}/overlays/{i}/work"
@@ -310,12 +312,14 @@ class SystemdNamespace:
             options = f"lowerdir={directory},upperdir={upper},workdir={work}"
             lines.append(f"mount -t overlay vfiod-ns-overlay -o {q(options)} {q(directory)}")
         if self.share_udev:
-            lines.append("if [ -d /run/udev ]; then mkdir udev; mount --bind /run/udev udev; fi")
+            udev = q(str(self.workdir / "udev"))
+            lines.append("udev=no")
+            lines.append(f"if [ -d /run/udev ]; then mount --bind /run/udev {udev}; udev=yes; fi")
         lines.append("mount -t tmpfs -o mode=0755,nosuid,nodev vfiod-ns-run /run")
         lines.append("mount -t tmpfs -o mode=1777,nosuid,nodev vfiod-ns-tmp /tmp")
         if self.share_udev:
             lines.append(
-                "if [ -d udev ]; then mkdir /run/udev; "
+                'if [ "$udev" = yes ]; then mkdir /run/udev; '
                 "mount --no-canonicalize --move udev /run/udev; fi"
             )
         for i, (path, content) in enumerate(sorted(files.items())):
@@ -329,7 +333,8 @@ class SystemdNamespace:
             lines.append(f"cp files/{i} {q(path)}")
             lines.append(f"chmod 0644 {q(path)}")
         lines.append(f"mkdir -p {UNIT_DIR}")
-        lines += [f"ln -s /dev/null {UNIT_DIR}/{q(unit)}" for unit in sorted(self.mask)]
+        masked = sorted(self.mask - set(self.units))  # a unit given is not masked
+        lines += [f"ln -s /dev/null {UNIT_DIR}/{q(unit)}" for unit in masked]
         environment = f"container={CONTAINER} PATH={COMMAND_ENV['PATH']} LANG=C.UTF-8"
         arguments = f"--system --unit={q(self.target)} --log-target=journal --log-color=no"
         lines += ["cd /", f"exec env -i {environment} {SYSTEMD} {arguments}"]
@@ -431,13 +436,16 @@ class SystemdNamespace:
         if process is not None and process.poll() is None and self._pid:
             stopped = time.monotonic()
             self.progress("[systemd-ns] powering off")
-            with contextlib.suppress(subprocess.SubprocessError, SystemdNamespaceError):
-                self.systemctl("poweroff", "--no-block", check=False, timeout=30)
+            # What a container manager sends: PID 1 starts poweroff.target.
+            # (`systemctl poweroff` would ask systemd-logind first.)
+            os.kill(self._pid, POWEROFF_SIGNAL)
             try:
                 process.wait(self.stop_timeout)
                 self.progress(f"[systemd-ns] off after {time.monotonic() - stopped:.1f} s")
             except subprocess.TimeoutExpired:
-                problems.append(f"systemctl poweroff did not end it in {self.stop_timeout:g} s")
+                problems.append(
+                    f"poweroff did not end it in {self.stop_timeout:g} s\n{self.diagnostics()}"
+                )
         if process is not None and process.poll() is None:
             self._kill_all()
             process.kill()

@@ -22,6 +22,10 @@ class BusDriver(DbusInterfaceCommonAsync, interface_name="org.freedesktop.DBus")
     async def get_connection_credentials(self, name: str) -> dict[str, tuple[str, Any]]:
         raise NotImplementedError  # answered by the bus
 
+    @dbus_method_async(input_signature="s", result_signature="b")
+    async def name_has_owner(self, name: str) -> bool:
+        raise NotImplementedError  # answered by the bus
+
     @dbus_signal_async("sss")
     def name_owner_changed(self) -> tuple[str, str, str]:
         raise NotImplementedError  # emitted by the bus

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 # dbus-daemon drops a message carrying more fds and disconnects its sender.
 MAX_REPLY_FDS = 16
+SETTLE_TIME = 1.0  # seconds Release waits for a lease to become free
 
 
 class BusBackend(Protocol):
@@ -122,6 +123,7 @@ class BusService:
         self.devices: dict[PciAddress, _Exported] = {}
         self.groups: dict[str, _Exported] = {}
         self.leases: dict[str, _Exported] = {}
+        self._settling: set[asyncio.Task[None]] = set()
         register_errors()
         broker.listeners.append(self.on_lease)
         broker.host.listeners.append(self.on_host_event)
@@ -147,6 +149,8 @@ class BusService:
             self._export_lease(lease, announce=False)
 
     def close(self) -> None:
+        for task in self._settling:
+            task.cancel()
         for exported in [*self.leases.values(), *self.groups.values(), *self.devices.values()]:
             if exported.handle is not None:
                 exported.handle.stop()
@@ -300,11 +304,15 @@ class BusService:
     def on_lease(self, lease: Lease, change: LeaseChange) -> None:
         if change is LeaseChange.GRANTED:
             self._export_lease(lease)
-        elif change is LeaseChange.ENDED and lease.revoked:
+        elif change is LeaseChange.ENDED:
             exported = self.leases.get(lease.id)
-            if exported is not None:
+            if exported is not None and lease.revoked:
                 assert isinstance(exported.obj, LeaseInterface)
                 exported.obj.revoked.emit(lease.end_reason)
+            if lease.id in self.broker.leases:  # still draining: free it soon
+                task = asyncio.get_running_loop().create_task(self._settle(lease.id))
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
         elif change is LeaseChange.FREED:
             exported = self.leases.pop(lease.id, None)
             if exported is not None:
@@ -347,7 +355,23 @@ class BusService:
 
     async def release(self, lease: str) -> None:
         credentials = await self.callers.of(get_current_message().sender)
-        self.broker.release(self._lease_id(lease), credentials.caller)
+        lease_id = self._lease_id(lease)
+        self.broker.release(lease_id, credentials.caller)
+        await self._settle(lease_id)
+
+    async def _settle(self, lease_id: str) -> None:
+        """Give an ended lease a moment to become free, so that a caller that
+        closed its fds finds its devices back on their drivers when Release
+        returns. (vfiod's own fds leave systemd's fd store asynchronously.)
+        A client still holding device fds keeps it draining: that does not
+        block the reply beyond SETTLE_TIME."""
+        delay = 0.001
+        waited = 0.0
+        while lease_id in self.broker.leases and waited < SETTLE_TIME:
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 0.1)
+            self.broker.drain()
 
     async def check_access(
         self, devices: list[str], options: Variants
@@ -374,6 +398,8 @@ class BusService:
             ) from e
         log.info("policy reloaded; %d lease(s) revoked", len(revoked))
         self._update_manager()
+        for lease in revoked:
+            await self._settle(lease.id)
 
     def _update_manager(self) -> None:
         self.manager.properties_changed.emit(

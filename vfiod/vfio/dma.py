@@ -40,13 +40,21 @@ class DmaMapping:
     """
 
     def __init__(
-        self, kernel: Kernel, space: AddressSpace, vaddr: int, iova: int, size: int
+        self,
+        kernel: Kernel,
+        space: AddressSpace,
+        vaddr: int,
+        iova: int,
+        size: int,
+        *,
+        window: bool = True,
     ) -> None:
         self.kernel = kernel
         self.space = space
         self.vaddr = vaddr
         self.iova = iova
         self.size = size
+        self.window = window  # the memory is mapped at vaddr in this process
         self._mapped = True
 
     @classmethod
@@ -80,6 +88,12 @@ class DmaMapping:
             raise
         return cls(kernel, space, vaddr, iova, size)
 
+    @classmethod
+    def adopt(cls, kernel: Kernel, space: AddressSpace, iova: int, size: int) -> Self:
+        """A mapping an earlier process of ours made: its memory is pinned by
+        the address space alone (that process's window into it is gone)."""
+        return cls(kernel, space, 0, iova, size, window=False)
+
     def unmap(self) -> None:
         if not self._mapped:
             return
@@ -87,7 +101,8 @@ class DmaMapping:
         try:
             self.space.unmap_dma(self.iova, self.size)
         finally:
-            self.kernel.munmap(self.vaddr, self.size)
+            if self.window:
+                self.kernel.munmap(self.vaddr, self.size)
 
     def __enter__(self) -> Self:
         return self

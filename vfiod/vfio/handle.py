@@ -57,6 +57,12 @@ class Handle:
         if fd is not None:
             self.kernel.close(fd)
 
+    def detach(self) -> int | None:
+        """Let go of the fd without closing it or undoing anything (it lives
+        on elsewhere, e.g. in systemd's fd store); returns it."""
+        fd, self._fd = self._fd, None
+        return fd
+
     def __enter__(self) -> Self:
         return self
 

@@ -53,6 +53,16 @@ class Container(Handle):
             raise
         return container
 
+    @classmethod
+    def adopt(
+        cls, kernel: Kernel, fd: int, iommu_type: abi.IommuType | None, path: str = CONTAINER_PATH
+    ) -> Self:
+        """A container set up by an earlier process of ours (kept in systemd's
+        fd store): its IOMMU model is set; its groups are adopted next."""
+        container = cls(kernel, fd, path)
+        container.iommu_type = iommu_type
+        return container
+
     def hint(self, operation: str, err: int) -> str:
         if operation == "GET_API_VERSION" and err == errno.ENOTTY:
             return f"{self.target} is not a VFIO container node (expected {CONTAINER_PATH})"
@@ -192,6 +202,32 @@ class Group(Handle):
             opened.close()
             raise
         return opened
+
+    @classmethod
+    def adopt(
+        cls,
+        kernel: Kernel,
+        fd: int,
+        name: str,
+        container: Container | None,
+        *,
+        dev_dir: str = DEV_VFIO,
+    ) -> Self:
+        """A group fd an earlier process of ours opened (and maybe attached to
+        ``container``); checked with GROUP_GET_STATUS. Takes the fd even on error."""
+        group = cls(kernel, fd, group_path(name, dev_dir), name)
+        try:
+            attached = bool(group.status() & abi.GroupFlag.CONTAINER_SET)
+        except BaseException:
+            group.close()
+            raise
+        if container is not None:
+            if not attached:
+                group.close()
+                raise VfioError(errno.EINVAL, "adopt", group.target, "the group is in no container")
+            group.container = container
+            container.groups.append(group)
+        return group
 
     @property
     def noiommu(self) -> bool:

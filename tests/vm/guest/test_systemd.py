@@ -27,14 +27,21 @@ SYSTEM_POLICY = "/usr/share/dbus-1/system.d"
 
 
 @pytest.fixture(scope="module")
-def ns() -> Iterator[SystemdNamespace]:
+def ns(pytestconfig: pytest.Config) -> Iterator[SystemdNamespace]:
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def progress(line: str) -> None:
+        """Straight to the VM's console, past pytest's capture."""
+        with capture.global_and_fixture_disabled():
+            print(line, flush=True)
+
     with SystemdNamespace(
         units={probe.UNIT: probe.unit_text(RELOAD_SECONDS)},
         files={
             f"{SYSTEM_POLICY}/{probe.NAME}.conf": probe.BUS_POLICY,
             f"{SYSTEM_SERVICES}/{probe.NAME}.service": probe.ACTIVATION,
         },
-        progress=lambda line: print(line, flush=True),
+        progress=progress,
     ) as namespace:
         yield namespace
 

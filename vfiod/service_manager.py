@@ -1,0 +1,65 @@
+"""What vfiod needs from systemd beyond sd_notify: the fd store that carries
+leases across a restart, and whether a SIGTERM means "restart" or "stop".
+
+A restart (``systemctl restart``, or Restart= after a crash) keeps the fd
+store, so vfiod leaves its leases as they are and the next process adopts
+them. A stop empties it, so vfiod ends every lease and gives devices back
+first. systemd tells the two apart only through the job it is running on
+the unit; vfiod asks for it over the system bus.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from sdbus.sd_bus_internals import SdBus
+
+from vfiod import notify
+from vfiod.bus.credentials import systemd_unit
+
+log = logging.getLogger(__name__)
+
+SYSTEMD = "org.freedesktop.systemd1"
+RESTART_JOBS = frozenset({"restart", "try-restart", "reload-or-restart", "reload-or-try-restart"})
+
+
+class SystemdFdStore:
+    """FDSTORE=1 / FDSTOREREMOVE=1 with FDNAME=; a no-op outside systemd."""
+
+    def keep(self, name: str, fd: int) -> None:
+        notify.notify("FDSTORE=1", f"FDNAME={name}", fds=[fd])
+
+    def drop(self, name: str) -> None:
+        notify.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+
+
+async def _property(bus: SdBus, path: str, interface: str, name: str) -> Any:
+    message = bus.new_method_call_message(SYSTEMD, path, "org.freedesktop.DBus.Properties", "Get")
+    message.append_data("ss", interface, name)
+    reply = await bus.call_async(message)
+    _signature, value = reply.get_contents()
+    return value
+
+
+async def pending_job(bus: SdBus, unit: str | None = None) -> str | None:
+    """The type of the job systemd runs on our unit now ("restart", "stop",
+    ...), or None (no job, no systemd, or no unit of ours)."""
+    if unit is None:
+        unit, _ = systemd_unit(os.getpid())
+    if unit is None or not os.environ.get("NOTIFY_SOCKET"):
+        return None
+    try:
+        message = bus.new_method_call_message(
+            SYSTEMD, "/org/freedesktop/systemd1", f"{SYSTEMD}.Manager", "GetUnit"
+        )
+        message.append_data("s", unit)
+        unit_path = str((await bus.call_async(message)).get_contents())
+        _job_id, job_path = await _property(bus, unit_path, f"{SYSTEMD}.Unit", "Job")
+        if job_path == "/":
+            return None
+        return str(await _property(bus, job_path, f"{SYSTEMD}.Job", "JobType"))
+    except Exception as e:
+        log.warning("cannot ask systemd why vfiod is stopping (%s); ending leases", e)
+        return None
