@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from vfiod.errors import (
@@ -339,6 +339,10 @@ class Broker:
         """Per device: would Acquire allow it, and why (not)."""
         policy = self.policy.current
         request = self._request(policy, options)
+        requested: set[PciAddress] = set()
+        for text in addresses:
+            with contextlib.suppress(AddressError):
+                requested.add(PciAddress.parse(text))
         results = []
         for text in addresses:
             try:
@@ -347,14 +351,19 @@ class Broker:
             except BrokerError as e:
                 results.append((text, False, e.message))
                 continue
-            if decision.allowed:
-                reason = " ".join(decision.reasons) or "allowed"
-                holder = self._holder(device, group)
-                if holder is not None:
-                    reason += f" (but now {self._busy_text(holder, group, device)})"
-            else:
-                reason = " ".join(decision.reasons) or "denied by policy"
-            results.append((text, decision.allowed, reason))
+            if not decision.allowed:
+                results.append((text, False, refusal_error(decision).message))
+                continue
+            grants = [decision.grants] if decision.grants is not None else []
+            refusal = self._binding_refusal(device, group, requested, grants, options)
+            if refusal is not None:
+                results.append((text, False, refusal.message))
+                continue
+            reason = " ".join(decision.reasons) or "allowed"
+            holder = self._holder(device, group)
+            if holder is not None:
+                reason += f" (but now {self._busy_text(holder, group, device)})"
+            results.append((text, True, reason))
         return results
 
     # -- acquire
@@ -582,7 +591,7 @@ class Broker:
             if group is None:
                 self._bind_noiommu(device, options, grants, moved)
             else:
-                self._bind_group(caller, group, set(resolved), decisions, options, moved)
+                self._bind_group(group, set(resolved), decisions, options, moved)
         inventory = self.host.inventory
         groups: dict[str, IommuGroup] = {}
         for address in resolved:
@@ -608,12 +617,9 @@ class Broker:
         """A device without an IOMMU gets a no-IOMMU group once bound to
         vfio-pci with the kernel's unsafe mode on (decide() has checked all
         three consents)."""
-        if not options.managed:
-            raise NotViable(
-                f"{device.address} has no IOMMU group; ask with managed=true to let vfiod "
-                "bind it to vfio-pci in unsafe no-IOMMU mode, where policy allows it"
-            )
-        self._require_managed(device.address, grants)
+        refusal = self._binding_refusal(device, None, [device.address], grants, options)
+        if refusal is not None:
+            raise refusal
         sysfs = self.binder.sysfs
         if not noiommu.enabled(sysfs):
             log.warning("turning on the kernel's unsafe no-IOMMU mode for %s", device.address)
@@ -623,49 +629,64 @@ class Broker:
                 raise KernelError(e.errno or errno.EIO, str(e)) from e
         self._bind_devices([device.address], allow_critical=(), moved=moved)
 
-    @staticmethod
-    def _require_managed(address: PciAddress, grants: Sequence[Grants]) -> None:
-        if not any(g.managed for g in grants):
-            raise PermissionDenied(
-                f"policy does not let vfiod rebind {address} for you (no 'managed = true' in "
-                "the matching rule); bind it to vfio-pci yourself, or ask an admin"
-            )
-
-    def _bind_group(
+    def _binding_refusal(
         self,
-        caller: Caller,
-        group: IommuGroup,
-        requested: set[PciAddress],
-        decisions: Mapping[PciAddress, Decision],
+        device: PciDevice,
+        group: IommuGroup | None,
+        requested: Collection[PciAddress],
+        grants: Sequence[Grants],
         options: AcquireOptions,
-        moved: list[PciAddress],
-    ) -> None:
-        """Move group members to vfio-pci where needed and allowed."""
-        moving = [d.address for d in group.devices if needs_binding(d)]
-        if not moving:
-            return
-        if not options.managed:
-            raise NotViable(
-                f"IOMMU group {group.id} is not viable: "
-                + "; ".join(b.reason for b in group.blockers())
-                + ". Ask with managed=true to let vfiod bind it to vfio-pci"
+    ) -> BrokerError | None:
+        """Why Acquire could not make ``device``'s group usable, or None:
+        the members that must move to vfio-pci need managed=true from the
+        caller, 'managed' from policy, and 'companions' for members not asked
+        for. (Host-critical members are refused when binding starts.)"""
+        if group is None:
+            moving = [device.address]
+            what = f"{device.address} has no IOMMU group"
+            fix = "bind it to vfio-pci in unsafe no-IOMMU mode"
+        else:
+            moving = [d.address for d in group.devices if needs_binding(d)]
+            what = f"IOMMU group {group.id} is not viable: " + "; ".join(
+                b.reason for b in group.blockers()
             )
-        allowed = [d.grants for d in decisions.values() if d.grants is not None]
-        if not any(g.managed for g in allowed):
-            raise PermissionDenied(
-                f"policy does not let vfiod rebind devices of IOMMU group {group.id} for uid "
-                f"{caller.uid} (no 'managed = true' in the matching rule); bind them to "
-                "vfio-pci yourself, or ask an admin"
+            fix = "bind it to vfio-pci"
+        if not moving:
+            return None
+        if not options.managed:
+            return NotViable(f"{what}. Ask with managed=true to let vfiod {fix}")
+        if not any(g.managed for g in grants):
+            return PermissionDenied(
+                f"{what}, and policy does not let vfiod rebind it for you (no 'managed = "
+                "true' in the matching rule); bind it to vfio-pci yourself, or ask an admin"
             )
         companions = [a for a in moving if a not in requested]
-        if companions and not any(g.companions for g in allowed):
-            raise PermissionDenied(
-                f"IOMMU group {group.id} also holds "
+        if companions and not any(g.companions for g in grants):
+            return PermissionDenied(
+                f"IOMMU group {group.id if group else '-'} also holds "
                 + ", ".join(str(a) for a in companions)
                 + ", which would have to move to vfio-pci too, and policy does not allow "
                 "that ('companions = true' missing in the matching rule); name them in the "
                 "request, or ask an admin"
             )
+        return None
+
+    def _bind_group(
+        self,
+        group: IommuGroup,
+        requested: Collection[PciAddress],
+        decisions: Mapping[PciAddress, Decision],
+        options: AcquireOptions,
+        moved: list[PciAddress],
+    ) -> None:
+        """Move group members to vfio-pci where needed and allowed."""
+        grants = [d.grants for d in decisions.values() if d.grants is not None]
+        refusal = self._binding_refusal(group.devices[0], group, requested, grants, options)
+        if refusal is not None:
+            raise refusal
+        moving = [d.address for d in group.devices if needs_binding(d)]
+        if not moving:
+            return
         named: set[PciAddress] = set()
         for decision in decisions.values():
             if decision.allowed and decision.rule is not None:

@@ -57,7 +57,15 @@ class VfiodError(Exception):
         return self.message
 
 
-def _error(e: sdbus.DbusFailedError | sdbus.SdBusUnmappedMessageError) -> VfiodError:
+BusErrors = (sdbus.DbusFailedError, sdbus.SdBusUnmappedMessageError, sdbus.SdBusLibraryError)
+
+
+def _error(e: Exception) -> VfiodError:
+    if isinstance(e, sdbus.SdBusLibraryError):
+        return VfiodError(
+            "org.freedesktop.DBus.Error.Disconnected",
+            f"cannot talk to the system bus ({e}); is dbus running?",
+        )
     if isinstance(e, sdbus.SdBusUnmappedMessageError):
         # An error name sdbus has no class for (all of vfiod's): (name, message).
         name, message = (str(a) for a in (*e.args, "", "")[:2])
@@ -113,6 +121,8 @@ class DeviceInfo:
     address: str
     vendor: int
     device: int
+    subsystem_vendor: int
+    subsystem_device: int
     pci_class: int
     description: str
     driver: str
@@ -241,6 +251,8 @@ def _device(path: str, p: Mapping[str, Any]) -> DeviceInfo:
         address=p["Address"],
         vendor=p["Vendor"],
         device=p["Device"],
+        subsystem_vendor=p["SubsystemVendor"],
+        subsystem_device=p["SubsystemDevice"],
         pci_class=p["Class"],
         description=p["Description"],
         driver=p["Driver"],
@@ -315,7 +327,7 @@ class Client:
     def _send(self, message: SdBusMessage) -> SdBusMessage:
         try:
             return self.bus.call(message)
-        except (sdbus.DbusFailedError, sdbus.SdBusUnmappedMessageError) as e:
+        except BusErrors as e:
             raise _error(e) from None
 
     def acquire(self, devices: Sequence[str], **options: Any) -> Lease:
@@ -338,6 +350,11 @@ class Client:
     def inventory(self) -> Inventory:
         reply = self._send(_call(self.bus, OBJECT_MANAGER, "GetManagedObjects"))
         return _inventory(cast(Any, _value(reply)))
+
+    def lease_info(self, lease: Lease | str) -> LeaseInfo:
+        path = lease_path(lease)
+        reply = self._send(_call(self.bus, PROPERTIES, "GetAll", "s", LEASE, path=path))
+        return _lease_info(path, _unwrap(_value(reply)))
 
     def manager_properties(self) -> dict[str, Any]:
         reply = self._send(_call(self.bus, PROPERTIES, "GetAll", "s", MANAGER))
@@ -389,7 +406,7 @@ class AsyncClient:
     async def _send(self, message: SdBusMessage) -> SdBusMessage:
         try:
             return await self.bus.call_async(message)
-        except (sdbus.DbusFailedError, sdbus.SdBusUnmappedMessageError) as e:
+        except BusErrors as e:
             raise _error(e) from None
 
     async def acquire(self, devices: Sequence[str], **options: Any) -> Lease:

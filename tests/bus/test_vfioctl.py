@@ -226,9 +226,9 @@ def test_show_says_why_a_device_can_or_cannot_be_assigned(vfiod: VfiodProcess) -
     shown = vfioctl(vfiod.bus, "show", str(NIC)).check().stdout
     assert "group     10 (not viable), /dev/vfio/10" in shown
     assert "not viable: 0000:00:10.0 (Ethernet controller) is bound to e1000e" in shown
-    assert "you       allowed: Allowed by rule 'nobody-nic'" in shown
-    assert "verdict   not as it is: 0000:00:10.0 (e1000e) must move to vfio-pci first; " in shown
-    assert "`vfioctl acquire --managed 0000:00:10.0`" in shown
+    # vfiod's verdict covers viability: without --managed the group is unusable.
+    assert "you       denied: IOMMU group 10 is not viable" in shown
+    assert "Ask with --managed to let vfiod bind it to vfio-pci" in shown
 
     shown = vfioctl(vfiod.bus, "show", "00:1f.2").check().stdout
     assert "shared with 0000:00:1f.0, 0000:00:1f.3: a lease takes the whole group" in shown
@@ -241,11 +241,13 @@ def test_show_says_why_a_device_can_or_cannot_be_assigned(vfiod: VfiodProcess) -
     assert data["assignable"] is True
     assert "moves 0000:00:10.0 (e1000e) to vfio-pci" in data["verdict"]
 
-    shown = vfioctl(vfiod.bus, "show", "4").check().stdout
+    shown = vfioctl(vfiod.bus, "show", "4", "--managed").check().stdout
     assert shown.startswith("group  4 (not viable), /dev/vfio/4\nlease  none\n")
     assert "0000:01:00.0  -        1b36:000e" in shown  # the bridge is nobody's to ask for
     assert "0000:02:01.0  allowed  8086:100e  e1000" in shown
-    data = json.loads(vfioctl(vfiod.bus, "show", "group:4", "--json").check().stdout)
+    unmanaged = vfioctl(vfiod.bus, "show", "4").check().stdout
+    assert "0000:02:01.0  denied  8086:100e  e1000" in unmanaged
+    data = json.loads(vfioctl(vfiod.bus, "show", "group:4", "--managed", "--json").check().stdout)
     assert [m["address"] for m in data["members"]] == ["0000:01:00.0", str(E1000_A), str(E1000_B)]
     assert [a["allowed"] for a in data["access"]] == [True, True]
 
@@ -255,9 +257,9 @@ def test_show_says_why_a_device_can_or_cannot_be_assigned(vfiod: VfiodProcess) -
 
 
 def test_check_asks_vfiod_for_the_caller(vfiod: VfiodProcess) -> None:
-    allowed = vfioctl(vfiod.bus, "check", str(NIC), "02:01.0").check().stdout
+    allowed = vfioctl(vfiod.bus, "check", "--managed", str(NIC), "02:01.0").check().stdout
     assert allowed.splitlines()[1].startswith("0000:00:10.0  allowed  Allowed by rule 'nobody-nic'")
-    mixed = vfioctl(vfiod.bus, "check", str(NIC), str(SATA), "0000:00:1e.0", "--json")
+    mixed = vfioctl(vfiod.bus, "check", "--managed", str(NIC), str(SATA), "0000:00:1e.0", "--json")
     assert mixed.returncode == 1
     assert [(a["device"], a["allowed"]) for a in json.loads(mixed.stdout)] == [
         (str(NIC), True),

@@ -117,7 +117,9 @@ say({
     "backend": failure(vfiod.acquire, [sys.argv[1]], backend="vfio"),
     "reload": failure(vfiod.reload_policy),
     "release": failure(vfiod.release, "/org/vfiod1/lease/nope"),
-    "check": [[a.device, a.allowed] for a in vfiod.check_access([sys.argv[1], sys.argv[2]])],
+    "check": [[a.device, a.allowed]
+              for a in vfiod.check_access([sys.argv[1], sys.argv[2]], managed=True)],
+    "check-unmanaged": [[a.allowed, a.reason] for a in vfiod.check_access([sys.argv[1]])],
 })
 """
     out = nobody.run(code, str(NIC), str(SATA))
@@ -134,6 +136,7 @@ say({
     assert out["reload"][0] == "PermissionDenied"
     assert out["release"][0] == "NotFound"
     assert out["check"] == [[str(NIC), True], [str(SATA), False]]
+    assert out["check-unmanaged"] == [[False, out["not-viable"][1]]]
     assert vfiod.driver(str(NIC)) == "e1000e"
     assert vfiod.driver(str(SATA)) == "ahci"
 

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -1144,6 +1145,47 @@ def test_key_lines_of_dotted_and_quoted_keys() -> None:
     assert lines.line_of(("nothing",)) == 1
 
 
+TRICKY_TOML = "\n".join(
+    [
+        '"a=b" = 1',
+        """x = ["]", "[", '#', \"\"\"""",
+        """]\"\"\", '''""",
+        "[[rule]]",
+        "''']",
+        "y = 2 # [",
+        '["a]b"]',
+        'k = { p = "]", q = [1, 2] }',
+        "[[rule]]",
+        'name = "x"   ',
+        "\r",
+        '[[ "rule" ]]\r',
+        'name = "y"\r',
+        'm = """a\\',
+        '  b"""',
+        "n = 3",
+        "",
+    ]
+)
+
+
+def test_key_lines_are_not_fooled_by_strings_brackets_and_line_ends() -> None:
+    assert tomllib.loads(TRICKY_TOML)["x"] == ["]", "[", "#", "]", "[[rule]]\n"]
+    assert KeyLines(TRICKY_TOML).lines == {
+        ("a=b",): 1,
+        ("x",): 2,
+        ("y",): 6,
+        ("a]b",): 7,
+        ("a]b", "k"): 8,
+        ("rule",): 9,
+        ("rule", 0): 9,
+        ("rule", 0, "name"): 10,
+        ("rule", 1): 12,
+        ("rule", 1, "name"): 13,
+        ("rule", 1, "m"): 14,
+        ("rule", 1, "n"): 16,
+    }
+
+
 def test_warnings_do_not_stop_the_policy() -> None:
     result = parse(
         allow('address = "*"\nusers = ["alice", "carol"]\ngroups = ["kvm", "ghosts"]'),
@@ -1305,7 +1347,8 @@ def test_cli_check_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     put(tmp_path, f"{POLICY_D}/50-x.toml", allow('address = "*"\nusers = ["root"]'))
     assert main(["check-policy", "--root", str(tmp_path)]) == 0
     assert capsys.readouterr().out == (
-        "policy is valid: 1 rule(s) (1 allow, 0 deny) in 1 file(s); allow-unsafe-noiommu = "
+        "policy is valid: 1 rule(s) (1 allow, 0 deny) read from 1 file(s); "
+        "allow-unsafe-noiommu = "
         'false, default-backend = "legacy"\n'
     )
     assert main(["check-policy", "--root", str(tmp_path), "--json"]) == 0

@@ -50,7 +50,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 SAMPLES = [p.read_text() for p in sorted((PROJECT / "policy/examples").glob("*.toml"))] + [
     (PROJECT / "policy/vfiod.toml").read_text()
 ]
-FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEWER = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -633,7 +633,7 @@ def rules(draw: st.DrawFn, index: int) -> Rule:
     hand-built rules the loader would refuse)."""
     effect = draw(st.sampled_from([Effect.ALLOW, Effect.ALLOW, Effect.DENY]))
     kinds = draw(st.sets(st.sampled_from(sorted(SELECTOR_OPTIONS)), max_size=4))
-    fields = {
+    fields: dict[str, Any] = {
         kind: tuple(draw(st.lists(st.sampled_from(SELECTOR_OPTIONS[kind]), min_size=1, max_size=2)))
         for kind in kinds
     }

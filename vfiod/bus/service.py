@@ -211,7 +211,7 @@ class BusService:
     def _group_view(self, group: IommuGroup) -> GroupView:
         lease = self.broker.lease_of_group(group.id)
         return GroupView(
-            id=group.id,
+            id=group.node_name,  # "noiommu-0" is no IOMMU group 0
             devices=tuple(device_path(str(d.address)) for d in group.devices),
             viable=group.viable,
             blockers=tuple((str(b.address), b.reason) for b in group.blockers()),
@@ -276,7 +276,7 @@ class BusService:
             unit=lease.caller.unit or "",
             label=lease.label,
             devices=tuple(str(d) for d in lease.devices),
-            groups=lease.group_ids,
+            groups=lease.group_nodes,
             backend=lease.backend.value,
             unsafe=lease.unsafe,
             created=int(lease.created * 1_000_000),

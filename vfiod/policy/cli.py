@@ -103,8 +103,8 @@ def _summary(policy: Policy) -> str:
     deny = sum(rule.effect is Effect.DENY for rule in policy.rules)
     settings = policy.settings
     return (
-        f"{len(policy.rules)} rule(s) ({len(policy.rules) - deny} allow, {deny} deny) in "
-        f"{len(policy.files)} file(s); allow-unsafe-noiommu = "
+        f"{len(policy.rules)} rule(s) ({len(policy.rules) - deny} allow, {deny} deny) read "
+        f"from {len(policy.files)} file(s); allow-unsafe-noiommu = "
         f"{str(settings.allow_unsafe_noiommu).lower()}, default-backend = "
         f'"{settings.default_backend}"'
     )
@@ -195,8 +195,10 @@ def _device(sysfs: Sysfs, address: PciAddress) -> tuple[PciDevice, bool]:
         raise HostError(
             errno.ENODEV, f"no PCI device {address}: see `vfiod inventory` for the devices"
         )
-    group = inventory.groups.get(device.group) if device.group is not None else None
-    return device, bool(group and group.noiommu)
+    if device.group is None:
+        return device, True  # only unsafe no-IOMMU mode could give it a group
+    group = inventory.groups.get(device.group)
+    return device, group is not None and group.noiommu
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -282,6 +284,11 @@ def _explain(args: argparse.Namespace) -> int:
             + (f" ({device.description})" if device.description else "")
             + f", driver {device.driver or 'none'}, IOMMU group "
             + (f"{device.group}{' (no-IOMMU)' if noiommu else ''}" if device.group else "none")
+            + (
+                " (no IOMMU: only unsafe no-IOMMU mode could hand it out)"
+                if not device.group
+                else ""
+            )
         )
         for reason in critical:
             print(f"         host-critical: {reason}")

@@ -101,7 +101,6 @@ class Source:
 # Where keys are: line numbers for a text tomllib accepted
 
 KeyPath = tuple[str | int, ...]
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _DOTTED_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+(?:[ \t]*\.[ \t]*[A-Za-z0-9_-]+)*")
 _VALUE_TOKEN = re.compile(r"\"\"\"|'''|[\"'#\[\]{}]")
 _POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
