@@ -28,13 +28,13 @@ from tests.bus import (
     NOBODY,
     OTHER_INTERFACE,
     PAYLOAD,
-    POLICY,
     TEST_PATH,
     PrivateBus,
     call,
     run_fd_service,
     start_private_bus,
 )
+from tests.unit.test_install import install_files
 
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 BUS_REFUSAL = "Rejected send message"  # how dbus-daemon's policy refusals begin
@@ -132,8 +132,10 @@ def test_sd_bus_open_system_follows_the_address(system_bus_address: str) -> None
 
 
 def test_the_activation_file_names_the_service(tmp_path: Path) -> None:
-    """dbus/org.vfiod1.service as the bus reads it from a service directory."""
-    with start_private_bus(tmp_path / "bus", service_dir=POLICY.parent) as bus:
+    """The installed activation file, as the bus reads it from its service directory."""
+    install_files(tmp_path / "root")
+    services = tmp_path / "root/usr/share/dbus-1/system-services"
+    with start_private_bus(tmp_path / "bus", service_dir=services) as bus:
         connection = bus.connect()
         try:
             assert NAME in bus_driver(connection, "ListActivatableNames", "")

@@ -1,0 +1,64 @@
+"""`make install` puts every file where systemd, dbus-daemon and udev look."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+FILES = {
+    "usr/share/dbus-1/system.d/org.vfiod1.conf",
+    "usr/share/dbus-1/system-services/org.vfiod1.service",
+    "usr/lib/systemd/system/vfiod.service",
+    "usr/lib/tmpfiles.d/vfiod.conf",
+    "usr/lib/udev/rules.d/70-vfiod.rules",
+    "usr/lib/modules-load.d/vfiod.conf",
+    "usr/lib/vfiod/vfiod.toml",
+    "usr/share/doc/vfiod/README.md",
+    "usr/share/doc/vfiod/examples/10-gpu-for-alice.toml",
+}
+
+
+def install_files(destdir: Path, prefix: str = "/usr") -> list[str]:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed (apt-get install make)")
+    subprocess.run(
+        [make, "-s", "install-files", f"DESTDIR={destdir}", f"PREFIX={prefix}"],
+        cwd=PROJECT,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return sorted(str(p.relative_to(destdir)) for p in destdir.rglob("*") if p.is_file())
+
+
+def test_install_files_puts_everything_in_place(tmp_path: Path) -> None:
+    installed = install_files(tmp_path, "/usr/local")
+    assert set(installed) >= FILES
+    assert (tmp_path / "etc/vfiod/policy.d").is_dir()
+    assert (tmp_path / "usr/lib/vfiod/policy.d").is_dir()
+    unit = (tmp_path / "usr/lib/systemd/system/vfiod.service").read_text()
+    assert "ExecStart=/usr/local/bin/vfiod daemon\n" in unit
+    assert "@" not in unit.replace("@system-service", "").replace("@resources", "")
+    activation = (tmp_path / "usr/share/dbus-1/system-services/org.vfiod1.service").read_text()
+    assert "Exec=/usr/local/bin/vfiod daemon\n" in activation
+    assert "SystemdService=vfiod.service\n" in activation
+    assert not list(PROJECT.glob("build-*.tmp")), "make left temporary files in the checkout"
+
+
+def test_the_unit_names_the_bus_name_and_is_notify() -> None:
+    unit = (PROJECT / "systemd/vfiod.service.in").read_text()
+    for line in (
+        "Type=notify",
+        "BusName=org.vfiod1",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "FileDescriptorStoreMax=4096",
+        "RuntimeDirectoryPreserve=yes",
+        "Alias=dbus-org.vfiod1.service",
+    ):
+        assert f"\n{line}\n" in unit, line
