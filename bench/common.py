@@ -34,7 +34,7 @@ address = "*"
 users = ["nobody"]
 """
 
-SHM = Path("/dev/shm")
+SHM = Path("/dev/shm")  # noqa: S108 (a fresh mkdtemp directory in it, see above)
 _READY = re.compile(r"ready ([0-9.]+) s after start")
 
 

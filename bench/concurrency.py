@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 
 from bench.bus_baseline import percentile
 from bench.common import POLICY, bench_bus, leaked_fds, settled_fds
@@ -230,7 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     figures = run(args.clients, args.cycles, args.processes)
     if args.json:
         summary = {
-            name: {"ops": r.ops, "seconds": r.seconds, "ops_per_s": r.throughput, "errors": r.errors}
+            name: {
+                "ops": r.ops,
+                "seconds": r.seconds,
+                "ops_per_s": r.throughput,
+                "errors": r.errors,
+            }
             for name, r in (("vfiod", figures.vfiod), ("baseline", figures.baseline))
         }
         print(json.dumps({**summary, "fds_before": figures.fds_before, "leaked": figures.leaked}))

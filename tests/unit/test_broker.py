@@ -24,6 +24,10 @@ from tests.fakehost import (
     no_modules,
 )
 from vfiod.broker import (
+    MESSAGE_DENIED,
+    MESSAGE_FREED,
+    MESSAGE_GRANTED,
+    MESSAGE_RELEASED,
     AcquireOptions,
     Backend,
     Broker,
@@ -717,3 +721,30 @@ def test_a_restart_with_stale_or_missing_fds_drains(tmp_path: Path) -> None:
         assert store.fds == {}
     finally:
         store.close()
+
+
+def test_every_step_is_an_audit_entry_with_its_fields(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="vfiod.broker")
+    with pytest.raises(PermissionDenied):
+        world.acquire(BOB)
+    grant = world.acquire(label="vm-audit")
+    close_all(grant.fds)
+    world.broker.release(grant.lease.id, ALICE)
+    entries = {
+        getattr(r, "MESSAGE_ID", None): r for r in caplog.records if hasattr(r, "MESSAGE_ID")
+    }
+    denied = entries[MESSAGE_DENIED]
+    assert (1001, str(NIC)) == (denied.CALLER_UID, denied.DEVICES)  # type: ignore[attr-defined]
+    for message_id in (MESSAGE_GRANTED, MESSAGE_RELEASED, MESSAGE_FREED):
+        entry = entries[message_id]
+        fields = {k: getattr(entry, k) for k in ("LEASE", "CALLER_UID", "CALLER_PID", "LABEL")}
+        assert fields == {
+            "LEASE": grant.lease.id,
+            "CALLER_UID": 1000,
+            "CALLER_PID": 4242,
+            "LABEL": "vm-audit",
+        }
+        assert getattr(entry, "DEVICES") == str(NIC)  # noqa: B009 - a journal field
+        assert getattr(entry, "CALLER_UNIT") == ""  # noqa: B009

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from sdbus import (
@@ -64,7 +64,9 @@ class InternalError(BrokerError):
     """Anything but a BrokerError escaping a method is a bug in vfiod."""
 
 
-def guarded(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def guarded(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
     """Answer BrokerErrors as they are; log anything else with its traceback
     as the bug it is, and answer with a generic error instead of its text."""
 

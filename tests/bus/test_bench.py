@@ -1,0 +1,52 @@
+"""The broker benchmarks run, each at a tiny size: this checks that they work
+and measure what they say, not their targets (timed tests flake; the targets
+are for ``python -m bench.NAME``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import concurrency, scale, warm_acquire
+from tests.bus import BusUnavailableError, require_tools
+
+
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    """The benchmarks start their own private bus."""
+    try:
+        require_tools()
+    except BusUnavailableError as e:
+        pytest.skip(str(e))
+
+
+def test_warm_acquire_runs() -> None:
+    figures = warm_acquire.run(cycles=10, devices=4)
+    assert len(figures.baseline) == len(figures.acquire) == len(figures.release) == 10
+    assert figures.fds == ["container", "device", "device", "group"]
+    assert all(0 < t < 5 for t in figures.baseline + figures.cycle)
+    assert figures.ratio > 0
+    assert figures.vfiod_cpu.service > 0
+    assert "Acquire + Release" in warm_acquire.report(figures)
+
+
+def test_scale_runs() -> None:
+    figures = scale.run(devices=16, baseline_devices=2, calls=2)
+    for host, devices in ((figures.big, 16), (figures.small, 2)):
+        assert (host.devices, host.groups) == (devices, devices // 2)
+        assert host.objects == host.devices + host.groups
+        assert 0 < host.built_s < host.start_s < 60
+        assert host.logged_start_s is not None
+        assert len(host.round_trips) == len(host.decodes) == 2
+        assert host.rss > 10_000_000
+    assert "GetManagedObjects" in scale.report(figures)
+
+
+def test_concurrency_runs() -> None:
+    figures = concurrency.run(clients=4, cycles=3, processes=2)
+    for run in (figures.vfiod, figures.baseline):
+        assert run.errors == []
+        assert run.ops == 12
+        assert run.seconds > 0
+    assert figures.leaked == []
+    assert figures.fds_before > 0
+    assert "ops/s" in concurrency.report(figures)
