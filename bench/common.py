@@ -5,8 +5,8 @@ directory, the policy they run under, and ways to look at the daemon process
 The directory is on /dev/shm when there is one: vfiod keeps its state file
 in /run, a tmpfs on every systemd host, and the fake host keeps it in the
 benchmark's directory, so a tmpfs there makes each state write (and its
-fsync) cost what it costs in production rather than what the disk under
-/tmp costs.
+fsync) cost what it costs in production rather than what a disk-backed
+temporary directory costs.
 """
 
 from __future__ import annotations
@@ -103,6 +103,26 @@ def machine() -> str:
     """The CPUs and the load when a benchmark ran: others' load skews it."""
     one, five, _ = os.getloadavg()
     return f"{os.cpu_count()} CPUs, load average {one:.2f} (1 min), {five:.2f} (5 min)"
+
+
+def started_at(pid: int) -> float:
+    """When a process was started (forked), on the wall clock (time.time()),
+    from /proc's start time in clock ticks since boot."""
+    with open(f"/proc/{pid}/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def ready_at(daemon: VfiodProcess) -> float | None:
+    """When the service manager's side of the notify socket wrote READY=1
+    down, on the wall clock: its notices file changes with each message, so
+    right after READY=1 its modification time is READY's. None without the
+    file (a harness that keeps the notices in memory)."""
+    try:
+        return (daemon.directory / "notices.log").stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 def ready_after_start(daemon: VfiodProcess) -> float | None:

@@ -17,8 +17,10 @@ sees 64 connections, each with its own unique name, exactly as it would see
 processes than clients, because the machine has two cores for the daemon,
 dbus-daemon and the clients together: 64 interpreters would spend their
 start (imports) and their scheduling on the cores the daemon needs, and
-measure that rather than vfiod. Every process waits, connected and warmed up
-(one CheckAccess per client), until all are, before the clock starts.
+measure that rather than vfiod (``--processes 64`` runs one process per
+client, the one-VMM-one-process case, to compare). Every process waits,
+connected and warmed up (one CheckAccess per client), until all are, before
+the clock starts.
 
 Target (DESIGN.md section 8): no error, no leaked fd, >= 500 ops/s.
 
@@ -33,7 +35,7 @@ import json
 import sys
 
 from bench.bus_baseline import percentile
-from bench.common import POLICY, bench_bus, leaked_fds, settled_fds
+from bench.common import POLICY, bench_bus, cpu_seconds, leaked_fds, machine, settled_fds
 from tests.bus import MANAGER_INTERFACE, NAME, NOBODY, TEST_PATH, PrivateBus, run_fd_service
 from tests.bus.vfiod import Clients, Spawned, run_vfiod
 from tests.fakehost import scale_address
@@ -114,6 +116,8 @@ class Run:
     seconds: float  # first client's start to last client's end
     latencies: list[float]  # of each op that succeeded
     errors: list[str]
+    service_cpu: float  # CPU seconds per op of the service (vfiod, or the test service)
+    bus_cpu: float  # and of dbus-daemon
 
     @property
     def throughput(self) -> float:
@@ -129,15 +133,19 @@ class Figures:
     baseline: Run
     fds_before: int
     leaked: list[str]
+    machine: str
 
 
 def _split(items: list[str], parts: int) -> list[list[str]]:
     return [items[i::parts] for i in range(parts) if items[i::parts]]
 
 
-def run_clients(bus: PrivateBus, body: str, cycles: int, devices: list[str], processes: int) -> Run:
+def run_clients(
+    bus: PrivateBus, service: int, body: str, cycles: int, devices: list[str], processes: int
+) -> Run:
     """Start the client processes, wait for all to be ready, start them
-    together, collect what they measured."""
+    together, collect what they measured, and what CPU the service (pid
+    `service`) and dbus-daemon spent meanwhile."""
     nobody = Clients(bus, NOBODY)
     spawned: list[Spawned] = []
     try:
@@ -146,6 +154,7 @@ def run_clients(bus: PrivateBus, body: str, cycles: int, devices: list[str], pro
         for process in spawned:
             said = process.read(timeout=START_TIMEOUT)
             assert said == "ready", said
+        service_cpu, bus_cpu = cpu_seconds(service), cpu_seconds(bus.pid)
         for process in spawned:
             process.send("go")
         results = [
@@ -153,6 +162,7 @@ def run_clients(bus: PrivateBus, body: str, cycles: int, devices: list[str], pro
             for process in spawned
             for client in process.read(timeout=START_TIMEOUT + cycles * len(devices))
         ]
+        service_cpu, bus_cpu = cpu_seconds(service) - service_cpu, cpu_seconds(bus.pid) - bus_cpu
         for process in spawned:
             process.finish()
     except BaseException:
@@ -161,11 +171,14 @@ def run_clients(bus: PrivateBus, body: str, cycles: int, devices: list[str], pro
                 process.kill()
         raise
     latencies = [float(t) for r in results for t in r["latencies"]]
+    ops = cycles * len(devices)
     return Run(
         ops=len(latencies),
         seconds=max(r["end"] for r in results) - min(r["start"] for r in results),
         latencies=latencies,
         errors=[str(e) for r in results for e in r["errors"]],
+        service_cpu=service_cpu / ops,
+        bus_cpu=bus_cpu / ops,
     )
 
 
@@ -174,16 +187,16 @@ def run(clients: int = 64, cycles: int = 100, processes: int = 8) -> Figures:
     # Function 0 of group i, for client i: every client its own group.
     devices = [str(scale_address(2 * i)) for i in range(clients)]
     with bench_bus() as (bus, directory):
-        with run_fd_service(bus):
-            baseline = run_clients(bus, _BARE, cycles, devices, processes)
+        with run_fd_service(bus) as service:
+            baseline = run_clients(bus, service.pid, _BARE, cycles, devices, processes)
         with run_vfiod(bus, directory / "vfiod", POLICY, f"scale:{2 * clients}") as daemon:
             before = settled_fds(daemon)
-            measured = run_clients(bus, _VFIOD, cycles, devices, processes)
+            measured = run_clients(bus, daemon.pid, _VFIOD, cycles, devices, processes)
             leaked = leaked_fds(daemon, before)
-    return Figures(clients, cycles, processes, measured, baseline, len(before), leaked)
+    return Figures(clients, cycles, processes, measured, baseline, len(before), leaked, machine())
 
 
-def _describe(label: str, r: Run, expected: int) -> str:
+def _describe(label: str, r: Run, expected: int, service: str) -> str:
     latency = (
         f"op p50 {percentile(r.latencies, 0.5) * 1e3:.1f} ms, "
         f"p90 {percentile(r.latencies, 0.9) * 1e3:.1f} ms"
@@ -192,7 +205,9 @@ def _describe(label: str, r: Run, expected: int) -> str:
     )
     return (
         f"  {label:<34} {r.ops}/{expected} ops in {r.seconds:.2f} s: "
-        f"{r.throughput:7.0f} ops/s; {latency}; {len(r.errors)} error(s)"
+        f"{r.throughput:7.0f} ops/s; {latency}; {len(r.errors)} error(s)\n"
+        f"  {'':<34} CPU per op: {service} {r.service_cpu * 1e6:.0f} us, "
+        f"dbus-daemon {r.bus_cpu * 1e6:.0f} us"
     )
 
 
@@ -204,8 +219,8 @@ def report(f: Figures) -> str:
         f"concurrency: {f.clients} clients x {f.cycles} cycles, one IOMMU group each "
         f"(scale:{2 * f.clients}), uid {NOBODY}, {f.processes} client processes "
         f"({f.clients // f.processes}-{-(-f.clients // f.processes)} connections each)",
-        _describe("bare fd calls (2 per op)", f.baseline, expected),
-        _describe("vfiod Acquire + Release", f.vfiod, expected),
+        _describe("bare fd calls (2 per op)", f.baseline, expected, "test service"),
+        _describe("vfiod Acquire + Release", f.vfiod, expected, "vfiod"),
         f"  ratio of throughputs (vfiod / bare): {f.vfiod.throughput / f.baseline.throughput:.2f}",
         f"  daemon fds: {f.fds_before} before, "
         + (f"LEAKED {len(f.leaked)}: {', '.join(f.leaked)}" if f.leaked else "none leaked"),
@@ -216,6 +231,7 @@ def report(f: Figures) -> str:
         f"  no error, no leak: {'met' if ok else 'MISSED'}; "
         f">= {TARGET_OPS:g} ops/s: {'met' if throughput_met else 'MISSED'}"
     )
+    lines.append(f"  machine: {f.machine}")
     return "\n".join(lines)
 
 
@@ -234,10 +250,21 @@ def main(argv: list[str] | None = None) -> None:
                 "seconds": r.seconds,
                 "ops_per_s": r.throughput,
                 "errors": r.errors,
+                "service_cpu_s": r.service_cpu,
+                "bus_cpu_s": r.bus_cpu,
             }
             for name, r in (("vfiod", figures.vfiod), ("baseline", figures.baseline))
         }
-        print(json.dumps({**summary, "fds_before": figures.fds_before, "leaked": figures.leaked}))
+        print(
+            json.dumps(
+                {
+                    **summary,
+                    "fds_before": figures.fds_before,
+                    "leaked": figures.leaked,
+                    "machine": figures.machine,
+                }
+            )
+        )
     else:
         print(report(figures))
 

@@ -1,17 +1,20 @@
 """Scale: vfiod on a fake host of 4,096 devices in 2,048 IOMMU groups, against
 the same measurements on a small host (scale:2, one group), in the same run.
 
-- start: from spawning the daemon process to READY=1 on the notify socket
-  the harness holds (the way systemd sees it: interpreter start, imports,
-  the fake host's build, the inventory scan, exporting every object, owning
-  the bus name). The fake host is built by the daemon process itself, before
-  vfiod starts, so that much of the start is the test harness's: the fake
-  host writes the policy file last, and its modification time splits the
-  start into "spawn to fake host built" and "fake host built to READY"
-  (vfiod's own start, but for the interpreter and the imports, which the
-  small host's whole start shows). The daemon's own figure ("ready X s
-  after start" in its log, from its process start by /proc ticks) is printed
-  too.
+- start: from spawning the daemon process (its start time in /proc, in
+  clock ticks) to READY=1 reaching the notify socket the harness serves
+  (the modification time of the file its listener writes the messages
+  down in): the way systemd sees it, with the interpreter's start, the
+  imports, the fake host's build, the inventory scan, exporting every
+  object and owning the bus name. The fake host is built by the daemon
+  process itself, before vfiod starts, so that much of the start is the
+  test harness's: the fake host writes the policy file last, and its
+  modification time splits the start into "spawn to fake host built" and
+  "fake host built to READY" (vfiod's own start, but for the interpreter
+  and the imports, which the small host's whole start shows). Printed too:
+  the daemon's own figure ("ready X s after start" in its log, from its
+  process start to just before it sends READY=1) and how long the harness
+  took to see READY (it starts the listener first, then polls).
 - GetManagedObjects, as a client (uid 65534, its own process): the round
   trip until the reply is in, first call and p50 of the rest; decoding the
   reply into Python values (sdbus) and the project client's
@@ -34,7 +37,15 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench.common import POLICY, bench_bus, machine, memory, ready_after_start
+from bench.common import (
+    POLICY,
+    bench_bus,
+    machine,
+    memory,
+    ready_after_start,
+    ready_at,
+    started_at,
+)
 from tests.bus import NOBODY
 from tests.bus.vfiod import Clients, run_vfiod
 
@@ -80,9 +91,10 @@ class HostFigures:
     devices: int
     groups: int
     objects: int  # what GetManagedObjects returned
-    start_s: float  # spawn to READY=1, seen on the notify socket
+    start_s: float  # spawn to READY=1 on the notify socket
     built_s: float  # spawn to the fake host built (its policy file written)
     logged_start_s: float | None  # the daemon's own "ready X s after start"
+    harness_s: float  # run_vfiod() entered to READY=1 seen by the harness
     round_trips: list[float]  # GetManagedObjects, first call first
     decodes: list[float]
     inventory_s: float
@@ -116,9 +128,12 @@ class Figures:
 
 def measure(devices: int, calls: int) -> HostFigures:
     with bench_bus() as (bus, directory):
-        spawned = time.time()  # the wall clock, to compare with a file's mtime
+        entered = time.time()  # the wall clock, as /proc's start time and mtimes
         with run_vfiod(bus, directory / "vfiod", POLICY, f"scale:{devices}") as daemon:
-            started = time.time() - spawned
+            seen = time.time()
+            spawned = started_at(daemon.pid)
+            ready = ready_at(daemon)
+            started = (seen if ready is None else ready) - spawned
             built = daemon.policy_file.stat().st_mtime - spawned
             ready_rss = memory(daemon.pid)["VmRSS"]
             result = Clients(bus).run(_GET_OBJECTS, str(calls), timeout=120 + calls * 10)
@@ -131,6 +146,7 @@ def measure(devices: int, calls: int) -> HostFigures:
         start_s=started,
         built_s=built,
         logged_start_s=logged,
+        harness_s=seen - entered,
         round_trips=[float(t) for t in result["round_trips"]],
         decodes=[float(t) for t in result["decodes"]],
         inventory_s=float(result["inventory_s"]),
@@ -184,6 +200,7 @@ def report(f: Figures) -> str:
             row("  spawn -> fake host built (harness)", lambda h: h.built_s, "s"),
             row("  fake host built -> READY=1 (vfiod)", lambda h: h.vfiod_start_s, "s"),
             row("  the daemon's log: ready ... after start", lambda h: h.logged_start_s, "s"),
+            row("  harness: run_vfiod() to READY=1 seen", lambda h: h.harness_s, "s"),
             row("GetManagedObjects, first call", lambda h: h.first_call, "ms"),
             row(
                 f"GetManagedObjects, p50 of {len(big.round_trips) - 1} more",

@@ -24,7 +24,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from vfiod.errors import (
     BrokerError,
@@ -302,6 +302,11 @@ class Broker:
         self.proc = proc
         self.clock = clock
         self.leases: dict[str, Lease] = {}
+        # The leases covering each device and each group, in the order of
+        # self.leases (one, but while a recovered lease drains): the bus
+        # objects ask for every device and group they sync.
+        self._by_device: dict[PciAddress, list[Lease]] = {}
+        self._by_group: dict[str, list[Lease]] = {}
         self.listeners: list[Callable[[Lease, LeaseChange], None]] = []
         self._critical: tuple[float, CriticalDevices] | None = None
         host.listeners.append(self._on_host_event)
@@ -309,18 +314,31 @@ class Broker:
     # -- queries
 
     def lease_of_group(self, group_id: str) -> Lease | None:
-        for lease in self.leases.values():
-            if group_id in lease.group_ids:
-                return lease
-        return None
+        leases = self._by_group.get(group_id)
+        return leases[0] if leases else None
 
     def lease_of_device(self, address: PciAddress) -> Lease | None:
-        for lease in self.leases.values():
-            if address in lease.devices or any(
-                address in (d.address for d in g.devices) for g in lease.groups
-            ):
-                return lease
-        return None
+        """The lease that asked for the device or holds its group."""
+        leases = self._by_device.get(address)
+        return leases[0] if leases else None
+
+    @staticmethod
+    def _covered(lease: Lease) -> set[PciAddress]:
+        return set(lease.devices) | {d.address for g in lease.groups for d in g.devices}
+
+    def _add_lease(self, lease: Lease) -> None:
+        self.leases[lease.id] = lease
+        for address in self._covered(lease):
+            self._by_device.setdefault(address, []).append(lease)
+        for group_id in lease.group_ids:
+            self._by_group.setdefault(group_id, []).append(lease)
+
+    def _remove_lease(self, lease: Lease) -> None:
+        del self.leases[lease.id]
+        for address in self._covered(lease):
+            _unlist(self._by_device, address, lease)
+        for group_id in lease.group_ids:
+            _unlist(self._by_group, group_id, lease)
 
     def critical(self) -> CriticalDevices:
         """Host-critical devices and why; rescanned at most every CRITICAL_TTL s."""
@@ -451,7 +469,7 @@ class Broker:
             self._close_handles(lease)
             self._undo_binding(moved)
             raise
-        self.leases[lease.id] = lease
+        self._add_lease(lease)
         self._store(lease)
         _audit(
             MESSAGE_GRANTED,
@@ -973,7 +991,7 @@ class Broker:
             else:
                 for address in lease.moved:  # policy says: leave them on vfio-pci
                     self.binder.forget(address)
-        del self.leases[lease.id]
+        self._remove_lease(lease)
         self.binder.state.update(lambda s: s.without_lease(lease.id))
         _audit(
             MESSAGE_FREED,
@@ -1061,7 +1079,7 @@ class Broker:
                     lease.caller.uid,
                     lease.label or "unnamed",
                 )
-            self.leases[lease.id] = lease
+            self._add_lease(lease)
             recovered.append(lease)
         for name, leftover in remaining.items():  # of no lease we know: let them go
             for fd in leftover:
@@ -1166,6 +1184,8 @@ class Broker:
                 lease.unwatch()
                 lease.unwatch = None
         self.leases.clear()
+        self._by_device.clear()
+        self._by_group.clear()
         return kept
 
     def shutdown(self) -> None:
@@ -1177,3 +1197,13 @@ class Broker:
 def _smallest(values: Iterable[int | None]) -> int | None:
     present = [v for v in values if v is not None]
     return min(present) if present else None
+
+
+K = TypeVar("K")
+
+
+def _unlist(index: dict[K, list[Lease]], key: K, lease: Lease) -> None:
+    held = index[key]
+    held.remove(lease)
+    if not held:
+        del index[key]

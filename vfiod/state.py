@@ -148,18 +148,47 @@ def _lease_record(lease_id: str, entry: Any) -> LeaseRecord:
     )
 
 
-def _encode(state: State) -> dict[str, Any]:
-    return {
-        "version": FORMAT_VERSION,
-        "bindings": {
-            address: {k: v for k, v in dataclasses.asdict(r).items() if k != "address"}
-            for address, r in sorted(state.bindings.items())
-        },
-        "leases": {
-            lease_id: {k: v for k, v in dataclasses.asdict(r).items() if k != "id"}
-            for lease_id, r in sorted(state.leases.items())
-        },
-    }
+def _fields(record: BindingRecord | LeaseRecord, key: str) -> dict[str, Any]:
+    """A record's fields but its key, shallowly (dataclasses.asdict deep-copies
+    every value, and the records hold only strings, numbers and tuples)."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record) if f.name != key}
+
+
+class _Lines:
+    """The file's text: one binding or lease per line, so it stays readable,
+    each written by json's C encoder (``indent=`` sends the whole file through
+    json's pure-Python encoder: most of a save's time with a few dozen
+    leases). Records are immutable, so a line is encoded once and reused
+    while the same record object stays in the state."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], tuple[object, str]] = {}
+
+    def _section(
+        self,
+        name: str,
+        records: Mapping[str, BindingRecord | LeaseRecord],
+        key: str,
+        cache: dict[tuple[str, str], tuple[object, str]],
+    ) -> str:
+        lines = []
+        for k, record in sorted(records.items()):
+            cached = self._cache.get((name, k))
+            if cached is None or cached[0] is not record:
+                cached = (record, f"  {json.dumps(k)}: {json.dumps(_fields(record, key))}")
+            cache[(name, k)] = cached
+            lines.append(cached[1])
+        return "{\n" + ",\n".join(lines) + "\n }" if lines else "{}"
+
+    def text(self, state: State) -> str:
+        cache: dict[tuple[str, str], tuple[object, str]] = {}
+        bindings = self._section("bindings", state.bindings, "address", cache)
+        leases = self._section("leases", state.leases, "id", cache)
+        self._cache = cache
+        return (
+            f'{{\n "version": {FORMAT_VERSION},\n "bindings": {bindings},\n'
+            f' "leases": {leases}\n}}\n'
+        )
 
 
 class StateFile:
@@ -170,6 +199,7 @@ class StateFile:
     def __init__(self, path: str = STATE_PATH) -> None:
         self.path = path
         self._cached: State | None = None
+        self._lines = _Lines()
 
     def load(self) -> State:
         if self._cached is None:
@@ -194,8 +224,7 @@ class StateFile:
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=directory)
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(_encode(state), f, indent=1)
-                f.write("\n")
+                f.write(self._lines.text(state))
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, self.path)

@@ -272,6 +272,7 @@ class Spawned:
 
     def __init__(self, process: subprocess.Popen[str]) -> None:
         self.process = process
+        self.stderr = ""  # once it has ended
 
     @property
     def stdin(self) -> IO[str]:
@@ -307,8 +308,9 @@ class Spawned:
         return err
 
     def kill(self) -> None:
+        """Kill it (if it still runs) and keep what it wrote to stderr."""
         self.process.kill()
-        self.process.communicate()
+        _, self.stderr = self.process.communicate()
         self._close()
 
     def _close(self) -> None:

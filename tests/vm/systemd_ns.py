@@ -15,21 +15,24 @@ whatever the namespace's services write there stays in the namespace.
         ns.journal("MESSAGE_ID=...")
 
 It boots its own target (`vfiod-test.target`: sysinit, the journal and the
-system bus, no basic.target, so no timers and nothing from
-multi-user.target) and masks what would act on the machine outside the
-namespace (the clock, sysctls, kernel modules, binfmt, /dev, pstore) or
-only costs time there (pseudo file system mounts, the journal flush). The
-namespace uses the machine's udev: its /run/udev is the machine's, bound in,
-and its own systemd-udevd is masked (two udevds would both act on every
-kernel event, and every udev event would reach listeners twice).
+system bus; no basic.target, so no timers and nothing from
+multi-user.target), without generators, and masks what would act on the
+machine outside the namespace (the clock, sysctls, kernel modules, binfmt,
+/dev, pstore) or only costs time there. The namespace uses the machine's
+udev: its /run/udev is the machine's, bound in, and its own systemd-udevd is
+masked (two udevds would both act on every kernel event, and every udev
+event would reach listeners twice). As /sys stays writable (vfiod writes
+there), systemd tracks devices through that udev, as on a host.
 
-systemd's console (its status lines and its log until journald is up) is
-`console.log` in the work directory: /dev/console is a FIFO there in the
-namespace, drained by a `cat` outside it.
+systemd runs in a cgroup of its own (the root of its cgroup namespace),
+which is how everything in it is killed if poweroff does not end it.
+/dev/console in the namespace is a pty whose output lands in
+`console.log` in the work directory: systemd's status lines, and its log
+until journald is up.
 
-The start-up notification helpers at the end (`notify`, `listen_fds`,
-`journal_send`) use only the standard library; a test service run by this
-systemd uses them.
+The start-up notification helpers at the end (`notify`, `store_fds`,
+`listen_fds`, `journal_send`) use only the standard library; a service run
+by this systemd uses them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -44,6 +48,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import tty
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -58,10 +63,11 @@ CONTAINER = "vfiod-test"  # $container: systemd runs in container mode
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 BOOT_TIMEOUT = 180.0  # seconds from unshare to `running`, under QEMU TCG
-STOP_TIMEOUT = 60.0  # seconds for `systemctl poweroff` to end the namespace
+STOP_TIMEOUT = 60.0  # seconds for poweroff to end the namespace
 COMMAND_TIMEOUT = 60.0  # seconds for one command in the namespace
 POLL_INTERVAL = 0.2
 POWEROFF_SIGNAL = signal.SIGRTMIN + 4  # systemd(1): "SIGRTMIN+4: poweroff.target"
+POWEROFF_REPEAT = 10.0  # seconds between poweroff requests
 
 TARGET_UNIT = """\
 [Unit]
@@ -78,6 +84,15 @@ JOURNALD_CONF = """\
 Storage=volatile
 ReadKMsg=no
 """
+
+# Every mount the namespace starts with (inherited from the machine, or made
+# here) gets DefaultDependencies=no, so it does not conflict with
+# umount.target: systemd does not try to unmount it at poweroff. Many of them
+# cannot be unmounted in the namespace (shadowed by the overlays and tmpfs,
+# or busy), and with systemd 252 such failed stop jobs left poweroff.target
+# waiting forever (swap.target's stop job was never run).
+MOUNT_DROP_IN = "[Unit]\nDefaultDependencies=no\n"
+NO_GENERATORS = "/nonexistent"  # $SYSTEMD_GENERATOR_PATH: no generators at all
 
 # Masked in every namespace, and why.
 MASKED = {
@@ -104,6 +119,7 @@ MASKED = {
     "sys-kernel-tracing.mount": "not needed",
     "systemd-ask-password-console.path": "nobody answers",
     "systemd-update-utmp.service": "no logins",
+    "systemd-sysusers.service": "the machine's users are there",
 }
 # Masked when the namespace uses the machine's udev (the default).
 UDEV_UNITS = (
@@ -180,6 +196,41 @@ def _systemd_pid_of(unshare_pid: int) -> int | None:
     return None
 
 
+def _read(path: Path) -> str:
+    """A file's text, or "" when it is gone."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def _mount_points() -> set[str]:
+    """Where this mount namespace has mounts (mountinfo's octal escapes
+    decoded)."""
+    points = set()
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        field = line.split()[4]
+        points.add(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field))
+    return points
+
+
+def _mount_unit(path: str) -> str:
+    """The mount unit's name for `path`, as `systemd-escape --path
+    --suffix=mount` makes it."""
+    trimmed = "/".join(part for part in path.split("/") if part)
+    if not trimmed:
+        return "-.mount"
+    escaped = []
+    for i, char in enumerate(trimmed):
+        if char == "/":
+            escaped.append("-")
+        elif (char.isascii() and char.isalnum()) or char in ":_" or (char == "." and i > 0):
+            escaped.append(char)
+        else:
+            escaped += [f"\\x{byte:02x}" for byte in char.encode()]
+    return "".join(escaped) + ".mount"
+
+
 def _mounts() -> list[str]:
     """This mount namespace's mounts, for the check that none were left."""
     lines = Path("/proc/self/mountinfo").read_text().splitlines()
@@ -205,7 +256,9 @@ class SystemdNamespace:
     `files` maps absolute paths in the namespace to their text (mode 0644);
     `mask` names more units to mask. `share_udev=False` keeps the machine's
     /run/udev out and lets the namespace run its own systemd-udevd (without
-    the coldplug trigger). `workdir` (kept) holds the staged files and
+    the coldplug trigger). `generators=True` runs the system generators
+    (fstab, getty, sysv, ...; nothing here needs them, and they cost
+    seconds under TCG). `workdir` (kept) holds the staged files and
     console.log; without it a temporary directory is used and removed.
     """
 
@@ -217,6 +270,7 @@ class SystemdNamespace:
         mask: Iterable[str] = (),
         target: str | None = None,
         share_udev: bool = True,
+        generators: bool = False,
         workdir: Path | None = None,
         progress: Callable[[str], None] = lambda line: None,
         boot_timeout: float = BOOT_TIMEOUT,
@@ -228,6 +282,7 @@ class SystemdNamespace:
         self.mask.add("systemd-udev-trigger.service")  # never re-add every device
         self.target = target or TARGET
         self.share_udev = share_udev
+        self.generators = generators
         self.progress = progress
         self.boot_timeout = boot_timeout
         self.stop_timeout = stop_timeout
@@ -237,6 +292,7 @@ class SystemdNamespace:
         self._process: subprocess.Popen[bytes] | None = None
         self._console: subprocess.Popen[bytes] | None = None
         self._cgroup: Path | None = None
+        self._home_cgroup = CGROUP_ROOT
         self._pid = 0
         self._mounts_before: list[str] = []
         self.boot_seconds = 0.0
@@ -286,8 +342,11 @@ class SystemdNamespace:
         self.boot_seconds = time.monotonic() - started
         self.progress(f"[systemd-ns] running after {self.boot_seconds:.1f} s")
 
-    def _stage(self) -> Path:
-        """Write the files and the setup script; the script's path."""
+    def _stage(self, console: str) -> Path:
+        """Stage the files under workdir/root and write the setup script,
+        which runs as PID 1 of the new namespaces and ends by exec'ing
+        systemd; the script's path. `console` is the pty that becomes
+        /dev/console."""
         files: dict[str, str | bytes] = {
             f"{UNIT_DIR}/{self.target}": TARGET_UNIT,
             "/run/systemd/journald.conf.d/50-vfiod-test.conf": JOURNALD_CONF,
@@ -295,48 +354,65 @@ class SystemdNamespace:
         files.update({f"{UNIT_DIR}/{name}": text for name, text in self.units.items()})
         files.update(self.files)
         overlays = _overlays_for(files)
-        staged = self.workdir / "files"
-        for made in (staged, self.workdir / "overlays", self.workdir / "udev"):
+        writable = (*TMPFS, *overlays)
+        overlay_area = self.workdir / "overlays"
+        udev = self.workdir / "udev"
+        root = self.workdir / "root"
+        for made in (overlay_area, udev, root):
             made.mkdir()
+        mounts = {*_mount_points(), "/proc", "/dev/console", *writable, "/run/udev"}
+        mounts |= {str(overlay_area)}
+        for where in sorted(mounts):
+            drop_in = f"{UNIT_DIR}/{_mount_unit(where)}.d/50-vfiod-test.conf"
+            files.setdefault(drop_in, MOUNT_DROP_IN)
+        for path, content in files.items():
+            staged = root / path.lstrip("/")
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, str):
+                staged.write_text(content)
+            else:
+                staged.write_bytes(content)
+            staged.chmod(0o644)
+        (root / UNIT_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        for unit in sorted(self.mask - set(self.units)):  # a unit given is not masked
+            (root / UNIT_DIR.lstrip("/") / unit).symlink_to("/dev/null")
+
         q = shlex.quote
         lines = [
             "set -eu",
             f"cd {q(str(self.workdir))}",
-            "# systemd's console is the FIFO that the harness drains",
-            "mount --no-canonicalize --bind console /dev/console",
-            f"mount -t tmpfs -o mode=0700 vfiod-ns-overlays {q(str(self.workdir / 'overlays'))}",
+            f"mount --bind {q(console)} /dev/console",
+            f"mount -t tmpfs -o mode=0700 vfiod-ns-overlays {q(str(overlay_area))}",
         ]
-        for i, directory in enumerate(overlays):
-            upper, work = f"{self.workdir}/overlays/{i}/upper", f"{self.workdir}/overlays/{i}/work"
-            lines.append(f"mkdir -p {q(upper)} {q(work)}")
+        layers = [
+            (f"{overlay_area}/{i}/upper", f"{overlay_area}/{i}/work") for i in range(len(overlays))
+        ]
+        lines.append("mkdir -p " + " ".join(q(d) for layer in layers for d in layer))
+        for directory, (upper, work) in zip(overlays, layers, strict=True):
             options = f"lowerdir={directory},upperdir={upper},workdir={work}"
             lines.append(f"mount -t overlay vfiod-ns-overlay -o {q(options)} {q(directory)}")
-        if self.share_udev:
-            udev = q(str(self.workdir / "udev"))
-            lines.append("udev=no")
-            lines.append(f"if [ -d /run/udev ]; then mount --bind /run/udev {udev}; udev=yes; fi")
+        if self.share_udev:  # taken before /run is covered, moved back after
+            lines.append(
+                "udev=no; if [ -d /run/udev ]; then mount --bind /run/udev udev; udev=yes; fi"
+            )
         lines.append("mount -t tmpfs -o mode=0755,nosuid,nodev vfiod-ns-run /run")
         lines.append("mount -t tmpfs -o mode=1777,nosuid,nodev vfiod-ns-tmp /tmp")
+        # From here on, the work directory (under the machine's /tmp) is
+        # reached through the working directory only: hence relative paths,
+        # and --no-canonicalize (mount would resolve them from /).
         if self.share_udev:
             lines.append(
                 'if [ "$udev" = yes ]; then mkdir /run/udev; '
                 "mount --no-canonicalize --move udev /run/udev; fi"
             )
-        for i, (path, content) in enumerate(sorted(files.items())):
-            source = staged / str(i)
-            if isinstance(content, str):
-                source.write_text(content)
-            else:
-                source.write_bytes(content)
-            parent = str(PurePosixPath(path).parent)
-            lines.append(f"mkdir -p {q(parent)}")
-            lines.append(f"cp files/{i} {q(path)}")
-            lines.append(f"chmod 0644 {q(path)}")
-        lines.append(f"mkdir -p {UNIT_DIR}")
-        masked = sorted(self.mask - set(self.units))  # a unit given is not masked
-        lines += [f"ln -s /dev/null {UNIT_DIR}/{q(unit)}" for unit in masked]
+        for directory in writable:
+            if (root / directory.lstrip("/")).exists():
+                lines.append(f"cp -R root{q(directory)}/. {q(directory)}/")
         environment = f"container={CONTAINER} PATH={COMMAND_ENV['PATH']} LANG=C.UTF-8"
-        arguments = f"--system --unit={q(self.target)} --log-target=journal --log-color=no"
+        environment += " SYSTEMD_COLORS=0"
+        if not self.generators:
+            environment += f" SYSTEMD_GENERATOR_PATH={NO_GENERATORS}"
+        arguments = f"--system --unit={q(self.target)} --log-target=journal --show-status=yes"
         lines += ["cd /", f"exec env -i {environment} {SYSTEMD} {arguments}"]
         script = self.workdir / "setup.sh"
         script.write_text("\n".join(lines) + "\n")
@@ -348,8 +424,12 @@ class SystemdNamespace:
         processes), and to kill everything in it if all else fails."""
         if not (CGROUP_ROOT / "cgroup.procs").exists() or not os.access(CGROUP_ROOT, os.W_OK):
             return None  # no cgroup2 at /sys/fs/cgroup: systemd gets what there is
+        # Beside this process's own cgroup (a leaf, when it is not the root).
+        own = Path("/proc/self/cgroup").read_text().strip().partition("::")[2]
+        self._home_cgroup = CGROUP_ROOT / own.lstrip("/")
+        parent = self._home_cgroup.parent if own != "/" else CGROUP_ROOT
         for n in range(100):
-            candidate = CGROUP_ROOT / f"vfiod-test-ns-{os.getpid()}-{n}"
+            candidate = parent / f"vfiod-test-ns-{os.getpid()}-{n}"
             try:
                 candidate.mkdir()
             except FileExistsError:
@@ -358,47 +438,48 @@ class SystemdNamespace:
         raise SystemdNamespaceError("could not make a cgroup for the namespace")
 
     def _launch(self) -> None:
-        script = self._stage()
-        fifo = self.workdir / "console"
-        os.mkfifo(fifo, 0o600)
-        # Opened read-write, the FIFO never reports end of file: systemd
-        # opens and closes the console for every status line.
-        reader = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
+        # systemd writes its status lines and, until journald runs, its log
+        # to /dev/console, which must be a terminal: a pty whose other side
+        # `cat` copies into console.log (cat also holds the pty open, so
+        # that reading never sees a hang-up between systemd's writes).
+        master, slave = os.openpty()
         try:
+            tty.setraw(slave)  # no \r\n
+            console = os.ttyname(slave)
             with open(self.console_log, "ab") as log:
-                self._console = subprocess.Popen(["cat"], stdin=reader, stdout=log)
-        finally:
-            os.close(reader)
-        writer = os.open(fifo, os.O_WRONLY | os.O_CLOEXEC)
-        self._cgroup = self._make_cgroup()
-        unshare = [
-            "unshare",
-            "--fork",
-            "--kill-child",
-            "--pid",
-            "--mount",
-            "--mount-proc",
-            "--uts",
-            "--cgroup",
-            "--propagation",
-            "private",
-            "sh",
-            str(script),
-        ]
-        # Into the new cgroup first, so it becomes the cgroup namespace's root.
-        enter = 'echo $$ > "$0" && exec "$@"' if self._cgroup else 'exec "$@"'
-        where = str(self._cgroup / "cgroup.procs") if self._cgroup else "sh"
-        self.progress("[systemd-ns] starting systemd in private namespaces")
-        try:
+                self._console = subprocess.Popen(
+                    ["cat"], stdin=master, stdout=log, pass_fds=(slave,)
+                )
+            script = self._stage(console)
+            self._cgroup = self._make_cgroup()
+            unshare = [
+                "unshare",
+                "--fork",
+                "--kill-child",
+                "--pid",
+                "--mount",
+                "--mount-proc",
+                "--uts",
+                "--cgroup",
+                "--propagation",
+                "private",
+                "sh",
+                str(script),
+            ]
+            # Into the new cgroup first, so it becomes the cgroup namespace's root.
+            enter = 'echo $$ > "$0" && exec "$@"' if self._cgroup else 'exec "$@"'
+            where = str(self._cgroup / "cgroup.procs") if self._cgroup else "sh"
+            self.progress("[systemd-ns] starting systemd in private namespaces")
             self._process = subprocess.Popen(
                 ["sh", "-c", enter, where, *unshare],
                 stdin=subprocess.DEVNULL,
-                stdout=writer,
+                stdout=slave,  # the setup script's output goes to the console too
                 stderr=subprocess.STDOUT,
                 env=COMMAND_ENV,
             )
         finally:
-            os.close(writer)
+            os.close(master)
+            os.close(slave)
         deadline = time.monotonic() + 30
         while True:
             if self._process.poll() is not None:
@@ -406,6 +487,12 @@ class SystemdNamespace:
             pid = _systemd_pid_of(self._process.pid)
             if pid is not None:
                 self._pid = pid
+                if self._cgroup is not None:
+                    # unshare (outside the PID namespace) goes back where it
+                    # came from: systemd is to find only its own processes in
+                    # its cgroup namespace, and it cannot move ones it cannot see.
+                    with contextlib.suppress(OSError):
+                        (self._home_cgroup / "cgroup.procs").write_text(str(self._process.pid))
                 return
             if time.monotonic() > deadline:
                 raise self._error("unshare started no child in 30 s")
@@ -436,13 +523,9 @@ class SystemdNamespace:
         if process is not None and process.poll() is None and self._pid:
             stopped = time.monotonic()
             self.progress("[systemd-ns] powering off")
-            # What a container manager sends: PID 1 starts poweroff.target.
-            # (`systemctl poweroff` would ask systemd-logind first.)
-            os.kill(self._pid, POWEROFF_SIGNAL)
-            try:
-                process.wait(self.stop_timeout)
+            if self._power_off(process):
                 self.progress(f"[systemd-ns] off after {time.monotonic() - stopped:.1f} s")
-            except subprocess.TimeoutExpired:
+            else:
                 problems.append(
                     f"poweroff did not end it in {self.stop_timeout:g} s\n{self.diagnostics()}"
                 )
@@ -470,6 +553,28 @@ class SystemdNamespace:
         if not self._keep_workdir and self.workdir.exists():
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def _power_off(self, process: subprocess.Popen[bytes]) -> bool:
+        """Ask systemd to power off, as a container manager does (SIGRTMIN+4:
+        start poweroff.target; `systemctl poweroff` would ask systemd-logind
+        first); whether the namespace ended in time. The signal is repeated
+        now and then: a repeated request makes systemd look at its waiting
+        jobs again, should one of them be stuck."""
+        started = time.monotonic()
+        deadline = started + self.stop_timeout
+        while True:
+            if time.monotonic() > started + 1:
+                waited = time.monotonic() - started
+                self.progress(f"[systemd-ns] not off after {waited:.0f} s, asking again")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, POWEROFF_SIGNAL)
+            try:
+                process.wait(min(POWEROFF_REPEAT, max(deadline - time.monotonic(), 0.1)))
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    return False
+            else:
+                return True
+
     def _kill_all(self) -> None:
         if self._cgroup is not None:
             with contextlib.suppress(OSError):
@@ -479,10 +584,13 @@ class SystemdNamespace:
                 os.kill(self._pid, signal.SIGKILL)
 
     def _remove_cgroup(self, cgroup: Path) -> list[str]:
-        """Remove the cgroup tree (deepest first); what could not be."""
+        """Remove the cgroup tree (deepest first; systemd may have removed
+        some of it, or all, on its way out); what could not be."""
+        if not cgroup.exists():
+            return []
         deadline = time.monotonic() + 10
         while True:
-            leftover = [p for p in (cgroup.rglob("cgroup.procs")) if p.read_text().strip()]
+            leftover = [p for p in cgroup.rglob("cgroup.procs") if _read(p).strip()]
             if not leftover:
                 break
             if time.monotonic() > deadline:
@@ -495,7 +603,8 @@ class SystemdNamespace:
         )
         try:
             for directory in [*directories, cgroup]:
-                directory.rmdir()
+                with contextlib.suppress(FileNotFoundError):
+                    directory.rmdir()
         except OSError as e:
             return [f"cannot remove cgroup {e.filename}: {e.strerror}"]
         return []
@@ -648,6 +757,7 @@ class SystemdNamespace:
             text = self.console_log.read_text(errors="replace")
         except OSError:
             return ""
+        text = text.replace("\r", "")  # systemd sets the pty up as a terminal again
         return "\n--- console tail\n" + "\n".join(text.splitlines()[-lines:])
 
     def _error(self, message: str) -> SystemdNamespaceError:

@@ -99,7 +99,13 @@ BOOTS = (
     Boot(
         KernelKind.TEST,
         IOMMU,
-        ("test_legacy.py", "test_iommufd.py", "test_vmm.py", "test_broker_iommufd.py"),
+        (
+            "test_legacy.py",
+            "test_iommufd.py",
+            "test_vmm.py",
+            "test_broker_iommufd.py",
+            "test_systemd.py",
+        ),
     ),
     Boot(KernelKind.TEST, NOIOMMU, ("test_noiommu.py", "test_broker_noiommu.py")),
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterable
@@ -42,7 +43,7 @@ from vfiod.bus.interfaces import (
 )
 from vfiod.bus.wire import Variants, acquire_options, map_options
 from vfiod.errors import ALL_ERRORS, BrokerError, InvalidArgument, PermissionDenied, PolicyInvalid
-from vfiod.host.inventory import IommuGroup, PciDevice
+from vfiod.host.inventory import Inventory, IommuGroup, PciDevice
 from vfiod.host.watcher import HostEvent
 from vfiod.pci import PciAddress
 from vfiod.policy.load import PolicyError
@@ -91,13 +92,16 @@ def register_errors() -> None:
             map_exception_to_dbus_error(error, error.dbus_name)
 
 
-def _changing_properties(cls: type) -> list[DbusPropertyAsync[Any]]:
+@functools.cache
+def _changing_properties(cls: type) -> tuple[DbusPropertyAsync[Any], ...]:
+    """The properties of ``cls`` that emit PropertiesChanged (found once per
+    class, not by walking its MRO on every sync)."""
     found: dict[str, DbusPropertyAsync[Any]] = {}
     for klass in reversed(cls.__mro__):
         for member in vars(klass).values():
             if isinstance(member, DbusPropertyAsync) and member.flags & CHANGES:
                 found[member.property_name] = member
-    return list(found.values())
+    return tuple(found.values())
 
 
 class _Exported:
@@ -124,6 +128,10 @@ class BusService:
         self.groups: dict[str, _Exported] = {}
         self.leases: dict[str, _Exported] = {}
         self._settling: set[asyncio.Task[None]] = set()
+        # The inventory whose set of groups self.groups last matched: the host
+        # replaces its inventory whenever anything changes, so while it is
+        # the same object no group came or went.
+        self._matched: Inventory | None = None
         register_errors()
         broker.listeners.append(self.on_lease)
         broker.host.listeners.append(self.on_host_event)
@@ -147,6 +155,7 @@ class BusService:
             self._sync_group(group_id, announce=False)
         for lease in self.broker.leases.values():
             self._export_lease(lease, announce=False)
+        self._matched = inventory
 
     def close(self) -> None:
         for task in self._settling:
@@ -175,6 +184,8 @@ class BusService:
     def _update(exported: _Exported, view: Any) -> None:
         """Set the object's new view; emit PropertiesChanged for what changed."""
         obj = exported.obj
+        if obj.view == view:  # most syncs change nothing: no getter runs
+            return
         members = _changing_properties(type(obj))
         before = {m.property_name: m.property_getter(obj) for m in members}
         obj.view = view
@@ -259,9 +270,11 @@ class BusService:
             if device is not None and device.group is not None:
                 groups.add(device.group)
         # Groups that came or went with the change (no-IOMMU groups, VFs).
-        groups |= set(inventory.groups).symmetric_difference(self.groups)
+        if inventory is not self._matched:
+            groups |= set(inventory.groups).symmetric_difference(self.groups)
         for group_id in groups:
             self._sync_group(group_id)
+        self._matched = inventory
 
     def refresh_critical(self) -> None:
         """Host-critical reasons change without uevents (mounts, routes)."""

@@ -131,6 +131,11 @@ class FakeSysfs(Sysfs):
         # Resolved once: write() maps every path to its target inside the tree.
         self._real_root = os.path.realpath(self.root)
         self._devices: dict[PciAddress, FakeDevice] = {}
+        # Devices that can have VFs (their addresses are reserved), and where
+        # each device's directory is: resolving its symlink with realpath()
+        # every time cost more than the rest of building a big host.
+        self._sriov: list[FakeDevice] = []
+        self._dirs: dict[PciAddress, str] = {}
         self._drivers: dict[str, FakeDriver] = {}
         self._faults: list[_Fault] = []
         # Every write attempted, as (path resolved relative to the root, value).
@@ -196,6 +201,8 @@ class FakeSysfs(Sysfs):
         if fake.parent is not None and fake.parent not in self.present():
             raise ValueError(f"add the bridge {fake.parent} before {pci}")
         self._devices[pci] = fake
+        if fake.sriov is not None:
+            self._sriov.append(fake)
         self._create(fake)
         if driver_override is not None:
             self._put(os.path.join(self._device_dir(pci), "driver_override"), driver_override)
@@ -410,7 +417,8 @@ class FakeSysfs(Sysfs):
     # device lifetime
 
     def _device_dir(self, address: PciAddress) -> str:
-        return os.path.realpath(self.device_path(address))
+        cached = self._dirs.get(address)
+        return cached if cached is not None else os.path.realpath(self.device_path(address))
 
     def _create(self, fake: FakeDevice, vf_index: int | None = None) -> None:
         if fake.physfn is not None:
@@ -423,6 +431,7 @@ class FakeSysfs(Sysfs):
             )
         device_dir = os.path.join(parent_dir, str(fake.address))
         os.makedirs(device_dir)
+        self._dirs[fake.address] = os.path.realpath(device_dir)
         attributes = {
             "vendor": f"0x{fake.vendor:04x}",
             "device": f"0x{fake.device:04x}",
@@ -485,6 +494,7 @@ class FakeSysfs(Sysfs):
             del self._devices[address]  # only re-enabling SR-IOV makes it again
         os.unlink(self.device_path(address))
         shutil.rmtree(device_dir)
+        del self._dirs[address]
 
     def _rescan(self) -> None:
         """Bring back every removed device whose bridge is there, bridges
@@ -547,19 +557,18 @@ class FakeSysfs(Sysfs):
 
     def _check_free(self, fake: FakeDevice) -> None:
         """Two functions may not share an address, VFs-to-be included."""
-        taken = set(self._devices)
-        for other in self._devices.values():
-            if other.sriov is not None:
-                taken |= {
-                    self._vf_address(other.address, other.sriov, i)
-                    for i in range(other.sriov.total_vfs)
-                }
+        vfs = {
+            self._vf_address(other.address, other.sriov, i)
+            for other in self._sriov
+            if other.sriov is not None
+            for i in range(other.sriov.total_vfs)
+        }
         mine = {fake.address}
         if fake.sriov is not None:
             mine |= {
                 self._vf_address(fake.address, fake.sriov, i) for i in range(fake.sriov.total_vfs)
             }
-        if clash := sorted(taken & mine):
+        if clash := sorted(a for a in mine if a in self._devices or a in vfs):
             raise ValueError(f"address {clash[0]} is taken (VFs included)")
 
     # files

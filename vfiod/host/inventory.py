@@ -142,6 +142,14 @@ def _link_address(path: str) -> PciAddress | None:
         return None
 
 
+def _link_name(path: str) -> str | None:
+    """What a driver or iommu_group link names; None without the link."""
+    try:
+        return os.path.basename(os.readlink(path))
+    except FileNotFoundError:
+        return None
+
+
 def read_device(
     sysfs: Sysfs, address: PciAddress, hwdb: HardwareDatabase | None = None
 ) -> PciDevice:
@@ -164,20 +172,29 @@ def read_device(
             ),
         )
     )
-    return PciDevice(
-        address=address,
-        vendor=sysfs.id_attr(address, "vendor"),
-        device=sysfs.id_attr(address, "device"),
-        subsystem_vendor=sysfs.id_attr(address, "subsystem_vendor"),
-        subsystem_device=sysfs.id_attr(address, "subsystem_device"),
-        pci_class=sysfs.id_attr(address, "class"),
-        driver=sysfs.driver(address),
-        group=sysfs.iommu_group(address),
-        reset_methods=reset_methods,
-        physfn=_link_address(os.path.join(path, "physfn")),
-        virtfns=tuple(virtfns),
-        description=description,
-    )
+
+    # The device's directory was checked once above: not again per attribute.
+    def hex_attr(name: str) -> int:
+        return int(sysfs.read(os.path.join(path, name)), 16)
+
+    try:
+        return PciDevice(
+            address=address,
+            vendor=hex_attr("vendor"),
+            device=hex_attr("device"),
+            subsystem_vendor=hex_attr("subsystem_vendor"),
+            subsystem_device=hex_attr("subsystem_device"),
+            pci_class=hex_attr("class"),
+            driver=_link_name(os.path.join(path, "driver")),
+            group=_link_name(os.path.join(path, "iommu_group")),
+            reset_methods=reset_methods,
+            physfn=_link_address(os.path.join(path, "physfn")),
+            virtfns=tuple(virtfns),
+            description=description,
+        )
+    except FileNotFoundError:
+        sysfs.require_device(address)  # removed meanwhile: the HostError that says so
+        raise
 
 
 def scan(sysfs: Sysfs, hwdb: HardwareDatabase | None = None) -> Inventory:

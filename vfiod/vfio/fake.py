@@ -216,9 +216,17 @@ class _Device:
     spec: FakePciDevice
     group: _Group
     cdev: str | None
-    config: bytearray
     open_count: int = 0
     resets: int = 0
+    _config: bytearray | None = None
+
+    @property
+    def config(self) -> bytearray:
+        """The config space as the device sees it, made on first use: 4 KiB
+        a device, which a host of thousands mostly never reads."""
+        if self._config is None:
+            self._config = bytearray(self.spec.config_space())
+        return self._config
 
 
 @dataclasses.dataclass(eq=False)
@@ -366,7 +374,7 @@ def _syscall(
     @functools.wraps(fn)
     def enter(self: FakeKernel, /, *args: P.args, **kwargs: P.kwargs) -> T:
         with self._lock:
-            self._sweep()
+            self._forget_closed()
             pending = self._faults.get(fn.__name__)
             if pending:
                 raise _error(pending.pop(0))
@@ -431,6 +439,7 @@ class FakeKernel:
 
         self._lock = threading.RLock()
         self._groups: dict[str, _Group] = {}
+        self._group_numbers: set[str] = set()  # "9" for group 9 and for noiommu-9
         self._devices: dict[str, _Device] = {}
         self._cdevs: dict[str, _Device] = {}
         self._links: dict[str, str] = {}
@@ -460,7 +469,7 @@ class FakeKernel:
             raise ValueError("a group has a VFIO node only once a device of it is bound")
         if spec.noiommu and not viable:
             raise ValueError("no-IOMMU groups have one device and are always viable")
-        if any(other.removeprefix("noiommu-") == number for other in self._groups):
+        if number in self._group_numbers:
             raise ValueError(f"IOMMU group {number} exists already")
         state = _Group(spec)
         addresses = [dev.address for dev in spec.devices]
@@ -473,11 +482,12 @@ class FakeKernel:
             cdev = None
             if self.has_cdev and not spec.noiommu:
                 cdev = f"{DEV_VFIO_DEVICES}/vfio{len(self._cdevs)}"
-            device = _Device(dev, state, cdev, bytearray(dev.config_space()))
+            device = _Device(dev, state, cdev)
             self._devices[dev.address] = device
             if cdev is not None:
                 self._cdevs[cdev] = device
         self._groups[name] = state
+        self._group_numbers.add(number)
         if spec.noiommu:
             self.noiommu_mode = True
         return spec
@@ -574,6 +584,18 @@ class FakeKernel:
             self._evictions.watch(fd, file)
         return fd
 
+    def _forget_closed(self) -> None:
+        """Before each call: catch up with fds closed behind the model's back.
+        Across processes, the inode evictions say when a file's last
+        reference anywhere is gone, and the one fd a call names is checked
+        when it is looked up (``_file_or_foreign``), so the model does not
+        fstat every fd it knows on every call (its cost grew with the leases
+        a daemon holds, and with it every call's)."""
+        if self._evictions is None:
+            self._sweep()
+        else:
+            self._release_evicted()
+
     def _sweep(self) -> None:
         """Forget fds no longer open on their memfd (closed with os.close, or
         the number reused), and release files no fd refers to any more."""
@@ -593,11 +615,23 @@ class FakeKernel:
         if self._evictions is None:
             return
         for file in self._evictions.evicted():
-            if self._by_ident.get(file.ident) is file and not file.fds:
-                del self._by_ident[file.ident]
-                self._release(file)
+            if self._by_ident.get(file.ident) is not file:
+                continue
+            # Its inode is gone, so no fd anywhere refers to it: the fds the
+            # model still lists for it were closed behind its back.
+            for fd in file.fds:
+                if self._files.get(fd) is file:
+                    del self._files[fd]
+            file.fds.clear()
+            del self._by_ident[file.ident]
+            self._release(file)
 
     def _drop_if_unreferenced(self, file: _File) -> None:
+        if self._evictions is not None:
+            # Evictions tell when no fd is left in any process, dups in this
+            # one included: no need to look through /proc/self/fd for them.
+            self._release_evicted()
+            return
         # A dup or a received copy may still hold the file open, as in Linux.
         for name in self._fd_names():
             try:
@@ -608,9 +642,6 @@ class FakeKernel:
                 file.fds.add(int(name))
                 self._files[int(name)] = file
         if not file.fds:
-            if self._evictions is not None:
-                self._release_evicted()  # or later, once other processes close theirs
-                return
             del self._by_ident[file.ident]
             self._release(file)
 
@@ -624,9 +655,15 @@ class FakeKernel:
     def _file_or_foreign(self, fd: int) -> _File | None:
         """The model's file at ``fd``; None for an open file it does not model."""
         file = self._files.get(fd)
-        if file is not None:
-            return file
+        if file is not None and self._evictions is None:
+            return file  # swept before this call
         ident = self._ident_of(fd)
+        if file is not None:
+            if ident == file.ident:
+                return file
+            # Closed behind the model's back, and the number reused.
+            del self._files[fd]
+            file.fds.discard(fd)
         if ident is None:
             raise _error(errno.EBADF)
         file = self._by_ident.get(ident)

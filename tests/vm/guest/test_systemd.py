@@ -1,11 +1,13 @@
-"""Real systemd as PID 1 of a private namespace in the test VM, proved with
-a probe service (tests/vm/sdnotify_probe.py) that does what vfiod's unit
-will: D-Bus activation, Type=notify, the fd store across `systemctl
-restart` and a SIGKILL with Restart=on-failure, reload, and journal entries
-with a MESSAGE_ID.
+"""Real systemd as PID 1 of a private namespace in the test VM
+(tests/vm/systemd_ns.py), proved with a probe service
+(tests/vm/sdnotify_probe.py) that does what vfiod's unit will: D-Bus
+activation, Type=notify, the fd store across `systemctl restart` and across
+SIGKILL with Restart=on-failure, reload by RELOADING=1/READY=1, and journal
+entries with a MESSAGE_ID.
 
-One systemd serves the whole module; the tests run in file order and each
-leaves the probe running.
+One systemd serves the whole module (it takes 15-40 s to come up under
+TCG); the tests run in file order, the first one activates the probe and
+each later one leaves it running.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,82 +23,74 @@ import pytest
 from tests.vm import sdnotify_probe as probe
 from tests.vm.systemd_ns import NSENTER, SystemdNamespace
 
-RELOAD_SECONDS = 2.0
+RELOAD_SECONDS = 2.0  # the probe's reload, between RELOADING=1 and READY=1
 SYSTEM_SERVICES = "/usr/share/dbus-1/system-services"
 SYSTEM_POLICY = "/usr/share/dbus-1/system.d"
+POLICY_FILE = f"{SYSTEM_POLICY}/{probe.NAME}.conf"
+ACTIVATION_FILE = f"{SYSTEM_SERVICES}/{probe.NAME}.service"
+
+Say = Callable[[str], None]
 
 
 @pytest.fixture(scope="module")
-def ns(pytestconfig: pytest.Config) -> Iterator[SystemdNamespace]:
+def say(pytestconfig: pytest.Config) -> Say:
+    """Print straight to the VM's console, past pytest's capture."""
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
 
-    def progress(line: str) -> None:
-        """Straight to the VM's console, past pytest's capture."""
+    def print_line(line: str) -> None:
         with capture.global_and_fixture_disabled():
             print(line, flush=True)
 
+    return print_line
+
+
+@pytest.fixture(scope="module")
+def ns(say: Say) -> Iterator[SystemdNamespace]:
     with SystemdNamespace(
         units={probe.UNIT: probe.unit_text(RELOAD_SECONDS)},
-        files={
-            f"{SYSTEM_POLICY}/{probe.NAME}.conf": probe.BUS_POLICY,
-            f"{SYSTEM_SERVICES}/{probe.NAME}.service": probe.ACTIVATION,
-        },
-        progress=progress,
+        files={POLICY_FILE: probe.BUS_POLICY, ACTIVATION_FILE: probe.ACTIVATION},
+        progress=say,
     ) as namespace:
         yield namespace
 
 
 def status(ns: SystemdNamespace) -> tuple[str, bool, int, int]:
-    """The probe's Status() over the namespace's system bus (activating it
-    when it is not running)."""
-    result = ns.run(
-        [
-            "busctl",
-            "--json=short",
-            "--timeout=120",
-            "call",
-            probe.NAME,
-            probe.OBJECT_PATH,
-            probe.INTERFACE,
-            "Status",
-        ],
-        timeout=150,
-    )
+    """The probe's Status() over the namespace's system bus, from busctl in
+    the namespace (which activates the probe when it is not running)."""
+    argv = ["busctl", "--json=short", "--timeout=120", "call", probe.NAME, probe.OBJECT_PATH]
+    result = ns.run([*argv, probe.INTERFACE, "Status"], timeout=150)
     token, adopted, reloads, pid = json.loads(result.stdout)["data"]
     return str(token), bool(adopted), int(reloads), int(pid)
 
 
-def test_systemd_runs_as_pid1_with_journal_and_bus(ns: SystemdNamespace) -> None:
-    print(f"systemd reached running in {ns.boot_seconds:.1f} s")
+def test_systemd_runs_as_pid1_with_journal_bus_and_udev(ns: SystemdNamespace) -> None:
     assert ns.run(["cat", "/proc/1/comm"]).stdout.strip() == "systemd"
     assert ns.systemctl("is-system-running").stdout.strip() == "running"
     for unit in ("systemd-journald.service", "dbus.service"):
         assert ns.show(unit, "ActiveState")["ActiveState"] == "active", unit
-    names = ns.run(
-        [
-            "busctl",
-            "--json=short",
-            "call",
-            "org.freedesktop.DBus",
-            "/",
-            "org.freedesktop.DBus",
-            "ListActivatableNames",
-        ]
-    ).stdout
+    call = ["busctl", "--json=short", "call", "org.freedesktop.DBus", "/"]
+    names = ns.run([*call, "org.freedesktop.DBus", "ListActivatableNames"]).stdout
     assert probe.NAME in json.loads(names)["data"][0]
-    # The machine's own files did not change: the policy exists only inside.
-    assert (ns.path(SYSTEM_POLICY) / f"{probe.NAME}.conf").exists()
-    assert not (Path(SYSTEM_POLICY) / f"{probe.NAME}.conf").exists()
+    # The policy and activation file exist in the namespace only.
+    for path in (POLICY_FILE, ACTIVATION_FILE):
+        assert ns.path(path).is_file(), path
+        assert not Path(path).exists(), f"{path} leaked out of the namespace"
+    # The machine's udev database is there (pyudev in vfiod needs it).
+    loopback = ns.run(["udevadm", "info", "--query=property", "/sys/class/net/lo"]).stdout
+    assert "INTERFACE=lo" in loopback
 
 
-def test_dbus_activation_starts_the_notify_service(ns: SystemdNamespace) -> None:
+def test_dbus_activation_starts_the_notify_service(ns: SystemdNamespace, say: Say) -> None:
     assert ns.show(probe.UNIT, "ActiveState")["ActiveState"] == "inactive"
+    started = time.monotonic()
     token, adopted, reloads, pid = status(ns)  # the call activates it
-    props = ns.wait_unit(probe.UNIT)
+    say(f"[systemd-ns] activated by a bus call in {time.monotonic() - started:.1f} s")
+    props = ns.wait_unit(probe.UNIT)  # Type=notify: active once READY=1 came
     assert int(props["MainPID"]) == pid
     assert not adopted, "a fresh start found an fd in the store"
     assert reloads == 0
-    print(f"activated: pid {pid}, token {token}")
+    started_entries = ns.wait_journal(f"MESSAGE_ID={probe.MESSAGE_STARTED}")
+    assert [e["PROBE_TOKEN"] for e in started_entries] == [token]
 
 
 def test_restart_passes_the_stored_fd_back(ns: SystemdNamespace) -> None:
@@ -124,7 +118,10 @@ def test_kill_9_restarts_with_the_stored_fd(ns: SystemdNamespace) -> None:
     assert new_token == token
 
 
-def test_reload_goes_through_reloading(ns: SystemdNamespace) -> None:
+def test_reload_goes_through_reloading(ns: SystemdNamespace, say: Say) -> None:
+    """ExecReload sends SIGHUP; the probe says RELOADING=1 (with
+    MONOTONIC_USEC), takes RELOAD_SECONDS, then READY=1. systemd shows the
+    unit as `reloading` in between."""
     token, _, reloads, pid = status(ns)
     reload = subprocess.Popen(
         [*NSENTER, f"--target={ns.pid}", "--", "systemctl", "reload", probe.UNIT],
@@ -133,21 +130,29 @@ def test_reload_goes_through_reloading(ns: SystemdNamespace) -> None:
         text=True,
     )
     states: list[str] = []
-    deadline = time.monotonic() + 60
-    while reload.poll() is None and time.monotonic() < deadline:
-        state = ns.show(probe.UNIT, "ActiveState")["ActiveState"]
-        if not states or states[-1] != state:
-            states.append(state)
-        time.sleep(0.1)
-    output, _ = reload.communicate(timeout=60)
-    after = ns.show(probe.UNIT, "ActiveState")["ActiveState"]
-    print(f"states during systemctl reload: {states}, after: {after}")
+    try:
+        deadline = time.monotonic() + 60
+        while reload.poll() is None and time.monotonic() < deadline:
+            state = ns.show(probe.UNIT, "ActiveState")["ActiveState"]
+            if not states or states[-1] != state:
+                states.append(state)
+        output, _ = reload.communicate(timeout=60)
+    finally:
+        if reload.poll() is None:
+            reload.kill()
+            reload.communicate()
     assert reload.returncode == 0, output
-    new_token, _, new_reloads, new_pid = status(ns)
-    print(f"reloads: {reloads} -> {new_reloads}")
-    assert (new_token, new_pid) == (token, pid)
-    ns.wait_journal(f"MESSAGE_ID={probe.MESSAGE_RELOADED}", count=reloads + 1)
+    done = status(ns)[2]  # reloads counted when `systemctl reload` returned
+    entries = ns.wait_journal(f"MESSAGE_ID={probe.MESSAGE_RELOADED}", count=reloads + 1)
+    props = ns.wait_unit(probe.UNIT)
+    say(
+        f"[systemd-ns] during systemctl reload: {' -> '.join(states)}; "
+        f"reload {'done' if done > reloads else 'not done yet'} when it returned"
+    )
     assert "reloading" in states
+    assert int(props["MainPID"]) == pid
+    assert entries[-1]["PROBE_TOKEN"] == token
+    assert entries[-1]["PROBE_RELOADS"] == str(reloads + 1)
 
 
 def test_journal_has_the_probe_entries(ns: SystemdNamespace) -> None:
@@ -156,5 +161,6 @@ def test_journal_has_the_probe_entries(ns: SystemdNamespace) -> None:
     assert len({e["PROBE_TOKEN"] for e in started}) == 1
     assert len({e["_PID"] for e in started}) == 3
     assert {e["_SYSTEMD_UNIT"] for e in started} == {probe.UNIT}
+    assert {e["PRIORITY"] for e in started} == {"6"}
     reloaded = ns.journal(f"MESSAGE_ID={probe.MESSAGE_RELOADED}", unit=probe.UNIT)
     assert [e["PROBE_RELOADS"] for e in reloaded] == ["1"]
