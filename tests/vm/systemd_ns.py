@@ -29,10 +29,6 @@ which is how everything in it is killed if poweroff does not end it.
 /dev/console in the namespace is a pty whose output lands in
 `console.log` in the work directory: systemd's status lines, and its log
 until journald is up.
-
-The start-up notification helpers at the end (`notify`, `store_fds`,
-`listen_fds`, `journal_send`) use only the standard library; a service run
-by this systemd uses them.
 """
 
 from __future__ import annotations
@@ -44,7 +40,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -762,94 +757,3 @@ class SystemdNamespace:
 
     def _error(self, message: str) -> SystemdNamespaceError:
         return SystemdNamespaceError(f"{message}\n{self.diagnostics()}")
-
-
-# -- the service side: sd_notify, the fd store and the journal, stdlib only
-
-
-def notify(*assignments: str, fds: Sequence[int] = ()) -> bool:
-    """Send `assignments` ("READY=1", "STATUS=...") to the service manager,
-    with `fds` attached (for FDSTORE=1). False when there is no manager
-    ($NOTIFY_SOCKET unset)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    elif not address.startswith("/"):
-        raise ValueError(f"unsupported NOTIFY_SOCKET {address!r}")
-    data = "\n".join(assignments).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        if fds:
-            socket.send_fds(sock, [data], list(fds))
-        else:
-            sock.send(data)
-    return True
-
-
-def monotonic_usec() -> int:
-    """CLOCK_MONOTONIC in microseconds, for MONOTONIC_USEC= with RELOADING=1."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-
-
-def notify_ready(status: str | None = None) -> bool:
-    return notify("READY=1", *([f"STATUS={status}"] if status else []))
-
-
-def notify_reloading() -> bool:
-    """Say a reload has begun; follow with notify_ready() when it is done."""
-    return notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
-
-
-def store_fds(name: str, *fds: int) -> bool:
-    """Put `fds` into the service's fd store under `name` (the unit needs
-    FileDescriptorStoreMax=); they come back on the next start."""
-    return notify("FDSTORE=1", f"FDNAME={name}", fds=fds)
-
-
-def remove_stored_fds(name: str) -> bool:
-    return notify("FDSTOREREMOVE=1", f"FDNAME={name}")
-
-
-SD_LISTEN_FDS_START = 3
-
-
-def listen_fds(unset_environment: bool = True) -> dict[str, list[int]]:
-    """The fds passed by the service manager (socket activation and the fd
-    store), by name ("unknown" for unnamed ones); close-on-exec is set on
-    them, and the variables are unset so that children do not see them."""
-    try:
-        if int(os.environ.get("LISTEN_PID", "0")) != os.getpid():
-            return {}
-        count = int(os.environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        return {}
-    names = os.environ.get("LISTEN_FDNAMES", "").split(":") if count else []
-    names += ["unknown"] * (count - len(names))
-    if unset_environment:
-        for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            os.environ.pop(variable, None)
-    found: dict[str, list[int]] = {}
-    for i, name in enumerate(names[:count]):
-        fd = SD_LISTEN_FDS_START + i
-        os.set_inheritable(fd, False)
-        found.setdefault(name, []).append(fd)
-    return found
-
-
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
-
-
-def journal_send(message: str, *, priority: int = 6, **fields: str) -> None:
-    """One structured journal entry (the native protocol): MESSAGE, PRIORITY
-    and `fields`, whose names are upper case (MESSAGE_ID="<32 hex digits>")."""
-    data = bytearray()
-    for name, value in {"MESSAGE": message, "PRIORITY": str(priority), **fields}.items():
-        encoded = value.encode()
-        if b"\n" in encoded:
-            data += name.encode() + b"\n" + len(encoded).to_bytes(8, "little") + encoded + b"\n"
-        else:
-            data += name.encode() + b"=" + encoded + b"\n"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.sendto(bytes(data), JOURNAL_SOCKET)

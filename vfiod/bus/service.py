@@ -378,7 +378,7 @@ class BusService:
         returns. (vfiod's own fds leave systemd's fd store asynchronously.)
         A client still holding device fds keeps it draining: that does not
         block the reply beyond SETTLE_TIME."""
-        delay = 0.001
+        delay = 0.0002  # systemd drops stored fds within a fraction of a millisecond
         waited = 0.0
         while lease_id in self.broker.leases and waited < SETTLE_TIME:
             await asyncio.sleep(delay)

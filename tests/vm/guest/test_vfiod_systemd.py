@@ -1,0 +1,216 @@
+"""vfiod under real systemd (PID 1 of a private namespace in the test VM,
+tests/vm/systemd_ns.py), with the project's own unit, bus policy and
+activation file: started by D-Bus activation, a lease kept across `systemctl
+restart` and across SIGKILL (the fd store), policy re-read by `systemctl
+reload`, devices given back by `systemctl stop`, audit entries in the journal.
+
+One systemd serves the module; the tests run in file order and build on
+each other (a lease made in one is checked in the next).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vm.systemd_ns import SystemdNamespace
+from tests.vm.topology import E1000E
+from vfiod.broker import MESSAGE_GRANTED, MESSAGE_REVOKED
+
+PROJECT = Path(__file__).resolve().parents[3]
+BINDIR = str(Path(sys.executable).parent)  # the project's venv: vfiod and vfioctl
+NOBODY = 65534
+
+POLICY = f"""
+[[rule]]
+name = "nobody-e1000e"
+effect = "allow"
+address = "{E1000E}"
+users = ["nobody"]
+managed = true
+max-locked-memory = "64M"
+"""
+
+
+def rendered(path: str) -> str:
+    """A .in file as `make install` renders it, naming this venv's commands."""
+    return (PROJECT / path).read_text().replace("@BINDIR@", BINDIR)
+
+
+def unit_drop_in() -> str:
+    """The installed vfiod runs /usr/bin/python3; this one runs the venv's
+    interpreter, which may live under /root (pyenv): ProtectHome=yes would
+    hide it, read-only does not."""
+    return "[Service]\nProtectHome=read-only\n"
+
+
+Say = Callable[[str], None]
+
+
+@pytest.fixture(scope="module")
+def say(pytestconfig: pytest.Config) -> Say:
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def print_line(line: str) -> None:
+        with capture.global_and_fixture_disabled():
+            print(line, flush=True)
+
+    return print_line
+
+
+@pytest.fixture(scope="module")
+def ns(say: Say) -> Iterator[SystemdNamespace]:
+    with SystemdNamespace(
+        units={
+            "vfiod.service": rendered("systemd/vfiod.service.in"),
+            "vfiod.service.d/50-test.conf": unit_drop_in(),
+        },
+        files={
+            "/usr/share/dbus-1/system.d/org.vfiod1.conf": rendered("dbus/org.vfiod1.conf"),
+            "/usr/share/dbus-1/system-services/org.vfiod1.service": rendered(
+                "dbus/org.vfiod1.service.in"
+            ),
+            "/etc/vfiod/policy.d/50-test.toml": POLICY,
+        },
+        progress=say,
+    ) as namespace:
+        yield namespace
+        # Whatever happened, the device goes back.
+        namespace.systemctl("stop", "vfiod.service", check=False, timeout=120)
+
+
+def as_nobody(ns: SystemdNamespace, code: str, *args: str, timeout: float = 150) -> object:
+    """Run a client snippet as nobody in the namespace; the JSON it prints last."""
+    prelude = (
+        "import json, os, subprocess, sys\n"
+        "from vfiod.client import Client, VfiodError\n"
+        "vfiod = Client()\n"
+    )
+    argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+    argv += [sys.executable, "-c", prelude + code, *args]
+    result = ns.run(argv, timeout=timeout)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def driver(address: str) -> str | None:
+    link = Path("/sys/bus/pci/devices", address, "driver")
+    return link.resolve().name if link.exists() else None
+
+
+def leases(ns: SystemdNamespace) -> list[str]:
+    code = "print(json.dumps(sorted(vfiod.inventory().leases)))"
+    result = as_nobody(ns, code)
+    assert isinstance(result, list)
+    return [str(path) for path in result]
+
+
+def test_a_call_activates_vfiod_which_grants_a_lease(ns: SystemdNamespace, say: Say) -> None:
+    assert ns.show("vfiod.service", "ActiveState")["ActiveState"] == "inactive"
+    # A call activates it (busctl: a longer timeout than a client's 25 s, for TCG).
+    ping = ["busctl", "--timeout=150", "call", "org.vfiod1", "/org/vfiod1"]
+    ns.run([*ping, "org.freedesktop.DBus.Peer", "Ping"], timeout=160)
+    # The lease follows a process of nobody's (sleep), not the caller's connection.
+    code = """\
+child = subprocess.Popen(["sleep", "3600"], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+pidfd = os.pidfd_open(child.pid)
+lease = vfiod.acquire([sys.argv[1]], managed=True, owner_pidfd=pidfd, label="vm-systemd")
+lease.close()
+print(json.dumps({"lease": lease.path, "sleep": child.pid}))
+"""
+    out = as_nobody(ns, code, E1000E)
+    assert isinstance(out, dict)
+    props = ns.wait_unit("vfiod.service")
+    say(f"[vfiod-systemd] activated: {props.get('StatusText') or 'active'}")
+    assert driver(E1000E) == "vfio-pci"
+    assert leases(ns) == [out["lease"]]
+    (granted,) = ns.wait_journal(f"MESSAGE_ID={MESSAGE_GRANTED}")
+    assert granted["CALLER_UID"] == str(NOBODY)
+    assert granted["LABEL"] == "vm-systemd"
+    assert granted["DEVICES"] == E1000E
+    assert granted["_SYSTEMD_UNIT"] == "vfiod.service"
+    # vfiod raised the owner's locked-memory limit to the rule's 64 MiB.
+    limits = ns.run(
+        [
+            "prlimit",
+            "--memlock",
+            "--raw",
+            "--noheadings",
+            "--output=SOFT,HARD",
+            f"--pid={out['sleep']}",
+        ]
+    )
+    assert limits.stdout.split() == [str(64 << 20)] * 2
+    # The fds it holds for the lease are in systemd's fd store.
+    assert int(ns.show("vfiod.service", "NFileDescriptorStore")["NFileDescriptorStore"]) == 3
+
+
+def test_restart_keeps_the_lease(ns: SystemdNamespace) -> None:
+    (before,) = leases(ns)
+    pid = ns.main_pid("vfiod.service")
+    ns.systemctl("restart", "vfiod.service", timeout=150)
+    assert ns.main_pid("vfiod.service") != pid
+    assert leases(ns) == [before]
+    assert driver(E1000E) == "vfio-pci"
+    entries = ns.journal("_SYSTEMD_UNIT=vfiod.service")
+    assert any("re-adopted with its fds after a restart" in e["MESSAGE"] for e in entries)
+
+
+def test_kill_9_and_restart_keep_the_lease(ns: SystemdNamespace) -> None:
+    (before,) = leases(ns)
+    pid = ns.main_pid("vfiod.service")
+    restarts = int(ns.show("vfiod.service", "NRestarts")["NRestarts"])
+    ns.run(["kill", "-9", str(pid)])
+    ns.wait_unit(
+        "vfiod.service",
+        where=lambda p: int(p["NRestarts"]) == restarts + 1 and int(p["MainPID"]) != pid,
+        timeout=150,
+    )
+    assert leases(ns) == [before]
+    assert driver(E1000E) == "vfio-pci"
+
+
+def test_reload_rereads_the_policy_and_revokes(ns: SystemdNamespace) -> None:
+    (before,) = leases(ns)
+    policy = ns.path("/etc/vfiod/policy.d/50-test.toml")
+    policy.write_text(POLICY.replace('users = ["nobody"]', 'users = ["daemon"]'))
+    ns.systemctl("reload", "vfiod.service", timeout=120)
+    (revoked,) = ns.wait_journal(f"MESSAGE_ID={MESSAGE_REVOKED}")
+    assert revoked["LEASE"] == before.rsplit("/", 1)[1]
+    assert "no longer allows 0000:00:10.0" in revoked["MESSAGE"]
+    ns.wait_for("e1000e back on its driver", lambda: driver(E1000E) == "e1000e" or None, 60)
+    assert leases(ns) == []
+    policy.write_text(POLICY)
+    ns.systemctl("reload", "vfiod.service", timeout=120)
+
+
+def test_stop_gives_devices_back(ns: SystemdNamespace) -> None:
+    code = """\
+child = subprocess.Popen(["sleep", "3600"], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+pidfd = os.pidfd_open(child.pid)
+lease = vfiod.acquire([sys.argv[1]], managed=True, owner_pidfd=pidfd)
+lease.close()
+print(json.dumps(child.pid))
+"""
+    sleeper = as_nobody(ns, code, E1000E)
+    try:
+        assert driver(E1000E) == "vfio-pci"
+        ns.systemctl("stop", "vfiod.service", timeout=120)
+        assert driver(E1000E) == "e1000e"
+        assert int(ns.show("vfiod.service", "NFileDescriptorStore")["NFileDescriptorStore"]) == 0
+    finally:
+        ns.run(["pkill", "-KILL", "-x", "sleep"], check=False)
+    del sleeper
+
+
+def test_security_exposure(ns: SystemdNamespace, say: Say) -> None:
+    result = ns.run(["systemd-analyze", "security", "--no-pager", "vfiod.service"], timeout=120)
+    overall = next(line for line in result.stdout.splitlines() if "Overall exposure level" in line)
+    say(f"[vfiod-systemd] systemd-analyze security: {overall.strip()}")
+    score = float(overall.split("level for vfiod.service:")[1].split()[0])
+    assert score <= 5.0, result.stdout
