@@ -82,22 +82,31 @@ def _add_kernel_groups(fs: FakeSysfs, kernel: FakeKernel) -> None:
             os.makedirs(os.path.join(fs.device_path(address), "vfio-dev", cdev), exist_ok=True)
 
 
-def add_small(fs: FakeSysfs) -> None:
+def add_e1000e(fs: FakeSysfs, address: PciAddress = NIC, group: int | None = 10) -> None:
     fs.add_device(
-        NIC,
+        address,
         vendor=0x8086,
         device=0x10D3,
         subsystem_device=0xA01F,
         pci_class=0x020000,
         driver="e1000e",
-        group=int(NIC_GROUP),
+        group=group,
         reset_methods=("flr", "bus"),
     )
+
+
+def add_ich9(fs: FakeSysfs) -> None:
+    """QEMU q35's southbridge functions, one IOMMU group (no ACS on them)."""
     fs.add_device(ISA, vendor=0x8086, device=0x2918, pci_class=0x060100, group=5)
     fs.add_device(SATA, vendor=0x8086, device=0x2922, pci_class=0x010601, driver="ahci", group=5)
     fs.add_device(
         SMBUS, vendor=0x8086, device=0x2930, pci_class=0x0C0500, driver="i801_smbus", group=5
     )
+
+
+def add_bridged_e1000s(fs: FakeSysfs, bridge_driver: str | None) -> None:
+    """A PCIe-to-PCI bridge behind a root port, two conventional e1000 behind
+    it: requester IDs alias to the bridge, so all three share a group."""
     fs.add_device(
         ROOT_PORT, vendor=0x1B36, device=0x000C, pci_class=0x060400, driver="pcieport", group=3
     )
@@ -106,6 +115,7 @@ def add_small(fs: FakeSysfs) -> None:
         vendor=0x1B36,
         device=0x000E,
         pci_class=0x060400,
+        driver=bridge_driver,
         group=int(BRIDGE_GROUP),
         parent=ROOT_PORT,
     )
@@ -119,6 +129,12 @@ def add_small(fs: FakeSysfs) -> None:
             group=int(BRIDGE_GROUP),
             parent=PCI_BRIDGE,
         )
+
+
+def add_small(fs: FakeSysfs) -> None:
+    add_e1000e(fs)
+    add_ich9(fs)
+    add_bridged_e1000s(fs, None)
 
 
 def scale_address(index: int) -> PciAddress:

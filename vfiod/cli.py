@@ -664,6 +664,8 @@ def _hold() -> str:
 
     previous = {s: signal.signal(s, stop) for s in RELAYED}
     try:
+        # A signal that came since cmd_acquire blocked them is delivered now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED)
         if _watch_stdin():
             fd = sys.stdin.fileno()
             while True:
@@ -681,6 +683,9 @@ def _hold() -> str:
 
 def cmd_acquire(args: argparse.Namespace) -> int:
     addresses = _addresses(args.devices)
+    # Held until _hold() is ready for them, so a SIGTERM that comes as soon
+    # as the lease is printed still releases it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED)
     with connect() as client:
         lease, moved = _acquire(client, addresses, args)
         try:

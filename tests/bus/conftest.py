@@ -9,11 +9,13 @@ import pytest
 
 from tests.bus import (
     ADDRESS_VARIABLE,
+    NOBODY,
     BusUnavailableError,
     PrivateBus,
     require_tools,
     start_private_bus,
 )
+from tests.bus.vfiod import Clients, VfiodProcess, run_vfiod
 
 
 @pytest.fixture
@@ -34,3 +36,19 @@ def system_bus_address(private_bus: PrivateBus, monkeypatch: pytest.MonkeyPatch)
     process for the test, so sd_bus_open_system() connects to it."""
     monkeypatch.setenv(ADDRESS_VARIABLE, private_bus.address)
     return private_bus.address
+
+
+@pytest.fixture
+def vfiod(
+    private_bus: PrivateBus, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[VfiodProcess]:
+    """vfiod on a fake host (tests/fakehost.py, topology "small") with the
+    test module's POLICY."""
+    with run_vfiod(private_bus, tmp_path / "vfiod", request.module.POLICY) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def nobody(private_bus: PrivateBus) -> Clients:
+    """Client processes as uid 65534 on the private bus."""
+    return Clients(private_bus, NOBODY)

@@ -7,7 +7,6 @@ import json
 import os
 import select
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,17 +68,6 @@ printf '%s\n' "$said"
 read -r line
 exit 7
 """
-
-
-@pytest.fixture
-def vfiod(private_bus: PrivateBus, tmp_path: Path) -> Iterator[VfiodProcess]:
-    with run_vfiod(private_bus, tmp_path / "vfiod", POLICY) as daemon:
-        yield daemon
-
-
-@pytest.fixture
-def nobody(private_bus: PrivateBus) -> Clients:
-    return Clients(private_bus)
 
 
 def root_client(bus: PrivateBus) -> Client:

@@ -8,7 +8,6 @@ import os
 import signal
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,17 +44,6 @@ companions = true
 """
 
 NIC_PATH = "/org/vfiod1/device/0000_00_10_0"
-
-
-@pytest.fixture
-def vfiod(private_bus: PrivateBus, tmp_path: Path) -> Iterator[VfiodProcess]:
-    with run_vfiod(private_bus, tmp_path / "vfiod", POLICY) as daemon:
-        yield daemon
-
-
-@pytest.fixture
-def nobody(private_bus: PrivateBus) -> Clients:
-    return Clients(private_bus)
 
 
 def root_client(bus: PrivateBus) -> Client:

@@ -16,6 +16,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakehost import (
+    E1000_A,
+    E1000_B,
+    ISA,
+    NIC,
+    PCI_BRIDGE,
+    ROOT_PORT,
+    SATA,
+    SMBUS,
+    add_bridged_e1000s,
+    add_e1000e,
+    add_ich9,
+    no_modules,
+)
 from vfiod.__main__ import main
 from vfiod.host.binding import Binder
 from vfiod.host.fake import FakeSysfs, SriovCapability
@@ -25,14 +39,6 @@ from vfiod.host.sysfs import HostError
 from vfiod.pci import PciAddress
 from vfiod.state import BindPhase, StateFile
 
-NIC = PciAddress.parse("0000:00:10.0")
-ISA = PciAddress.parse("0000:00:1f.0")
-SATA = PciAddress.parse("0000:00:1f.2")
-SMBUS = PciAddress.parse("0000:00:1f.3")
-ROOT_PORT = PciAddress.parse("0000:00:1c.0")
-PCI_BRIDGE = PciAddress.parse("0000:01:00.0")
-E1000_A = PciAddress.parse("0000:02:01.0")
-E1000_B = PciAddress.parse("0000:02:02.0")
 PF = PciAddress.parse("0000:03:00.0")
 VF0 = PciAddress.parse("0000:03:10.0")  # 82576: First VF Offset 0x80, VF Stride 2
 VF1 = PciAddress.parse("0000:03:10.2")
@@ -59,60 +65,6 @@ def state(tmp_path: Path) -> StateFile:
 @pytest.fixture
 def binder(fs: FakeSysfs, state: StateFile) -> Binder:
     return Binder(fs, state, load_module=no_modules, critical=dict)
-
-
-def no_modules(module: str) -> str:
-    """The fake host has no modules to load; the real modprobe must never run."""
-    return f"module {module} not found in the fake host"
-
-
-def add_e1000e(fs: FakeSysfs, address: PciAddress = NIC, group: int | None = 10) -> None:
-    fs.add_device(
-        address,
-        vendor=0x8086,
-        device=0x10D3,
-        subsystem_device=0xA01F,
-        pci_class=0x020000,
-        driver="e1000e",
-        group=group,
-        reset_methods=("flr", "bus"),
-    )
-
-
-def add_ich9(fs: FakeSysfs) -> None:
-    """QEMU q35's southbridge functions, one IOMMU group (no ACS on them)."""
-    fs.add_device(ISA, vendor=0x8086, device=0x2918, pci_class=0x060100, group=5)
-    fs.add_device(SATA, vendor=0x8086, device=0x2922, pci_class=0x010601, driver="ahci", group=5)
-    fs.add_device(
-        SMBUS, vendor=0x8086, device=0x2930, pci_class=0x0C0500, driver="i801_smbus", group=5
-    )
-
-
-def add_bridged_e1000s(fs: FakeSysfs, bridge_driver: str | None) -> None:
-    """A PCIe-to-PCI bridge behind a root port, two conventional e1000 behind
-    it: requester IDs alias to the bridge, so all three share a group."""
-    fs.add_device(
-        ROOT_PORT, vendor=0x1B36, device=0x000C, pci_class=0x060400, driver="pcieport", group=3
-    )
-    fs.add_device(
-        PCI_BRIDGE,
-        vendor=0x1B36,
-        device=0x000E,
-        pci_class=0x060400,
-        driver=bridge_driver,
-        group=4,
-        parent=ROOT_PORT,
-    )
-    for address in (E1000_A, E1000_B):
-        fs.add_device(
-            address,
-            vendor=0x8086,
-            device=0x100E,
-            pci_class=0x020000,
-            driver="e1000",
-            group=4,
-            parent=PCI_BRIDGE,
-        )
 
 
 def add_sriov_pf(fs: FakeSysfs) -> None:

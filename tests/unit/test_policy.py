@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_inventory import NIC, add_e1000e
+from tests.fakehost import NIC, add_e1000e
 from vfiod.__main__ import main
 from vfiod.host.fake import FakeSysfs
 from vfiod.host.inventory import PciDevice

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_inventory import NIC, add_e1000e, no_modules
+from tests.fakehost import NIC, add_e1000e, no_modules
 from vfiod.host.binding import Binder, wait_for_node
 from vfiod.host.fake import FakeSysfs
 from vfiod.host.sysfs import HostError

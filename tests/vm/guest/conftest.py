@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.bus import PrivateBus, start_private_bus
+from tests.bus.vfiod import Clients, VfiodProcess, run_real_vfiod
 from tests.vm.topology import TOPOLOGIES, KernelKind, Topology
 from vfiod.host import binding
 from vfiod.host.sysfs import Sysfs
@@ -68,3 +70,24 @@ def bind_vfio(binder: binding.Binder) -> Iterator[Bound]:
     bound = Bound(binder)
     yield bound
     bound.restore_all()
+
+
+@pytest.fixture(scope="module")
+def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBus]:
+    """A private system bus with vfiod's bus policy (the guest has none of its own)."""
+    with start_private_bus(tmp_path_factory.mktemp("bus")) as private:
+        yield private
+
+
+@pytest.fixture(scope="module")
+def vfiod(
+    bus: PrivateBus, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[VfiodProcess]:
+    """vfiod itself on the guest's real kernel, with the test module's POLICY."""
+    with run_real_vfiod(bus, tmp_path_factory.mktemp("vfiod"), request.module.POLICY) as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def nobody(bus: PrivateBus) -> Clients:
+    return Clients(bus)

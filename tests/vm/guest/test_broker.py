@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 
-import pytest
-
-from tests.bus import PrivateBus, start_private_bus
-from tests.bus.vfiod import Clients, VfiodProcess, run_real_vfiod
+from tests.bus.vfiod import Clients, VfiodProcess
 from tests.vm.topology import BRIDGE, BRIDGED_E1000, E1000E, ICH9_SATA
 
 POLICY = f"""
@@ -54,23 +50,6 @@ lease.close()
 vfiod.release(lease)
 say(out)
 """
-
-
-@pytest.fixture(scope="module")
-def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBus]:
-    with start_private_bus(tmp_path_factory.mktemp("bus")) as private:
-        yield private
-
-
-@pytest.fixture(scope="module")
-def vfiod(bus: PrivateBus, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VfiodProcess]:
-    with run_real_vfiod(bus, tmp_path_factory.mktemp("vfiod"), POLICY) as daemon:
-        yield daemon
-
-
-@pytest.fixture(scope="module")
-def nobody(bus: PrivateBus) -> Clients:
-    return Clients(bus)
 
 
 def test_nobody_gets_working_fds_and_the_driver_comes_back(

@@ -3,12 +3,8 @@ unbound device cdev it returns bind, attach and map."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
-from tests.bus import PrivateBus, start_private_bus
-from tests.bus.vfiod import Clients, VfiodProcess, run_real_vfiod
+from tests.bus import PrivateBus
+from tests.bus.vfiod import Clients, VfiodProcess
 from tests.vm.topology import E1000E
 
 POLICY = f"""
@@ -43,18 +39,6 @@ iommufd.close()
 vfiod.release(lease)
 say(out)
 """
-
-
-@pytest.fixture(scope="module")
-def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBus]:
-    with start_private_bus(tmp_path_factory.mktemp("bus")) as private:
-        yield private
-
-
-@pytest.fixture(scope="module")
-def vfiod(bus: PrivateBus, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VfiodProcess]:
-    with run_real_vfiod(bus, tmp_path_factory.mktemp("vfiod"), POLICY) as daemon:
-        yield daemon
 
 
 def test_iommufd_fds_bind_attach_and_map(vfiod: VfiodProcess, bus: PrivateBus) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.bus import PrivateBus, start_private_bus
-from tests.bus.vfiod import Clients, VfiodProcess, run_real_vfiod
+from tests.bus import PrivateBus
+from tests.bus.vfiod import Clients, VfiodProcess
 from tests.vm.topology import E1000E
 from vfiod.client import Client
 from vfiod.pci import PciAddress
@@ -26,6 +26,7 @@ users = ["nobody"]
 managed = true
 """
 UNSAFE_RULE = RULE + "unsafe-noiommu = true\n"
+POLICY = RULE  # what vfiod starts with
 
 ACQUIRE = """\
 from vfiod.vfio import LinuxKernel
@@ -47,16 +48,10 @@ say(out)
 """
 
 
-@pytest.fixture(scope="module")
-def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBus]:
-    with start_private_bus(tmp_path_factory.mktemp("bus")) as private:
-        yield private
-
-
-@pytest.fixture(scope="module")
-def vfiod(bus: PrivateBus, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VfiodProcess]:
-    with run_real_vfiod(bus, tmp_path_factory.mktemp("vfiod"), RULE) as daemon:
-        yield daemon
+@pytest.fixture(scope="module", autouse=True)
+def noiommu_mode_off() -> Iterator[None]:
+    """vfiod turns the kernel's unsafe mode on; the next tests expect it off."""
+    yield
     Path(NOIOMMU_PARAM).write_text("N")
 
 

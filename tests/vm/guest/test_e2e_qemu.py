@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.bus import NOBODY, PrivateBus, start_private_bus
-from tests.bus.vfiod import Clients, Spawned, VfiodProcess, run_real_vfiod
+from tests.bus import NOBODY, PrivateBus
+from tests.bus.vfiod import Clients, Spawned, VfiodProcess
 from tests.vm.topology import E1000E, E1000E_IDS
 from tests.vm.vmm import QemuNotFoundError, Qmp, find_qemu, parse_query_pci, probe_argv
 
@@ -39,18 +39,6 @@ RUN = """\
 from vfiod.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(scope="module")
-def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBus]:
-    with start_private_bus(tmp_path_factory.mktemp("bus")) as private:
-        yield private
-
-
-@pytest.fixture(scope="module")
-def vfiod(bus: PrivateBus, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VfiodProcess]:
-    with run_real_vfiod(bus, tmp_path_factory.mktemp("vfiod"), POLICY) as daemon:
-        yield daemon
 
 
 @pytest.fixture
