@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
+from tests.bus import PrivateBus
 from tests.bus.vfiod import Clients, VfiodProcess
-from tests.vm.topology import BRIDGE, BRIDGED_E1000, E1000E, ICH9_SATA
+from tests.vm.topology import BRIDGE, BRIDGED_E1000, E1000E, ICH9_SATA, IGB_PF
+from vfiod.client import Client, Inventory
+from vfiod.pci import PciAddress
 
 POLICY = f"""
 [[rule]]
@@ -156,3 +160,59 @@ say({"sata": failure(vfiod.acquire, [sys.argv[2]], managed=True),
     assert "bound to e1000e" in out["unmanaged"][1]
     assert vfiod.driver(ICH9_SATA) == "ahci"
     assert vfiod.driver(E1000E) == "e1000e"
+
+
+def _inventory(bus: PrivateBus) -> Inventory:
+    with Client(bus.connect()) as root:
+        return root.inventory()
+
+
+def test_hotplug_reaches_the_bus_and_removal_revokes(
+    vfiod: VfiodProcess, nobody: Clients, bus: PrivateBus
+) -> None:
+    # SR-IOV VFs appear as Device and Group objects, and go again.
+    before = set(_inventory(bus).devices)
+    numvfs = Path(vfiod.sysfs.device_path(PciAddress.parse(IGB_PF)), "sriov_numvfs")
+    numvfs.write_text("2")
+    try:
+        vfiod.wait_for(lambda: len(set(_inventory(bus).devices) - before) == 2, "2 VFs", 60)
+    finally:
+        numvfs.write_text("0")
+    vfiod.wait_for(lambda: set(_inventory(bus).devices) == before, "the VFs going", 60)
+
+    # A leased device that leaves the host ends its lease: the client hears why.
+    client = nobody.spawn(
+        """\
+import asyncio
+from vfiod.client import AsyncClient
+
+async def main():
+    async with AsyncClient() as client:
+        lease = await client.acquire([sys.argv[1]], managed=True)
+        lease.close()  # vfio-pci's remove waits for device fds: close them
+        events = client.events()
+        say(lease.path)
+        async for event in events:
+            if event.kind == "revoked" and event.path == lease.path:
+                say(event.changes["reason"])
+                return
+
+asyncio.run(main())
+""",
+        E1000E,
+    )
+    try:
+        client.read(timeout=120)
+        assert vfiod.driver(E1000E) == "vfio-pci"
+        Path(vfiod.sysfs.device_path(PciAddress.parse(E1000E)), "remove").write_text("1")
+        assert client.read(timeout=60) == "device 0000:00:10.0 was removed from the host"
+        client.finish()
+    except BaseException:
+        client.kill()
+        raise
+    finally:
+        Path("/sys/bus/pci/rescan").write_text("1")
+    vfiod.wait_for(lambda: vfiod.driver(E1000E) == "e1000e", "e1000e back after a rescan", 60)
+    assert vfiod.state()["leases"] == {}
+    assert vfiod.state()["bindings"] == {}
+    assert _inventory(bus).devices[E1000E].driver == "e1000e"
