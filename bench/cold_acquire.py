@@ -60,6 +60,8 @@ class Figures:
     raw_steps: dict[str, list[float]]  # each step of the raw sequence
     raw_undo: list[float]
     first: list[dict[str, Any]]  # the untimed warm-up rounds, as the guest gave them
+    failures: list[dict[str, Any]]  # vfiod Acquires that failed (their rounds are left out)
+    raw_node_missing: int  # raw rounds where /dev/vfio/N was not there after drivers_probe
     fds: list[str]
     machine_before: str
     machine_after: str
@@ -82,6 +84,8 @@ def _figures_from(
     result: dict[str, Any], run: harness.VmRun, boot_s: float, before: str, after: str
 ) -> Figures:
     vfiod, raw = result["vfiod"], result["raw"]
+    if not vfiod:
+        raise RuntimeError(f"every vfiod Acquire failed: {result['failures']}")
     names = list(raw[0]["steps"])
     return Figures(
         kernel=str(result["kernel"]),
@@ -94,7 +98,9 @@ def _figures_from(
         daemon_cpu=[float(r["daemon_cpu"]) for r in vfiod],
         raw_steps={name: [float(r["steps"][name]) for r in raw] for name in names},
         raw_undo=[float(r["undo"]) for r in raw],
-        first=list(result.get("first", [])),
+        first=list(result["first"]),
+        failures=list(result["failures"]),
+        raw_node_missing=sum(1 for r in raw if r["node_missing"]),
         fds=list(vfiod[0]["fds"]),
         machine_before=before,
         machine_after=after,
@@ -150,9 +156,15 @@ def run(
     )
     (SHARED / "console.log").write_text(vm.output)
     if vm.returncode != 0 or not out.exists():
+        stalled = (
+            " The guest's CPUs stalled (RCU stall warnings): QEMU got no host CPU for "
+            "seconds; run it again on a quieter host."
+            if "rcu_preempt detected stalls" in vm.output
+            else ""
+        )
         raise RuntimeError(
-            f"the guest part failed (exit {vm.returncode}) after {vm.seconds:.0f} s; "
-            f"console in {SHARED / 'console.log'}:\n{vm.output[-4000:]}"
+            f"the guest part failed (exit {vm.returncode}) after {vm.seconds:.0f} s.{stalled} "
+            f"Console in {SHARED / 'console.log'}:\n{vm.output[-4000:]}"
         )
     progress(f"[vm] done in {vm.seconds:.0f} s")
     result = json.loads(out.read_text())
@@ -187,12 +199,20 @@ def report(f: Figures) -> str:
         _line("total", f.raw),
         *(_line(f"- {name}", times) for name, times in f.raw_steps.items()),
         _line("undo (untimed in the ratio)", f.raw_undo),
-        f"  ratio (p50 vfiod Acquire / p50 raw sequence): {f.ratio:.2f}; "
+        f"  /dev/vfio/N not there yet when drivers_probe returned: {f.raw_node_missing} of "
+        f"{len(f.raw_undo)} raw rounds",
+        f"  ratio (p50 vfiod Acquire / p50 raw sequence): {f.ratio:.3f}; "
         f"target <= {TARGET_RATIO}: {verdict}",
         f"  vfiod's extra per acquire (p50 difference): "
         f"{_ms(statistics.median(f.acquire) - statistics.median(f.raw))}",
         f"  machine: before {f.machine_before}; after {f.machine_after}",
     ]
+    for failure in f.failures:
+        lines.append(
+            f"  FAILED vfiod Acquire ({failure['round']}, after {_ms(failure['after'])}): "
+            f"{failure['error']}; then /dev/vfio held {', '.join(failure['dev_vfio'])} and "
+            f"{E1000E} was on {failure['driver']}"
+        )
     if f.profile:
         lines += ["", "vfiod under cProfile (these rounds' times include its overhead):", f.profile]
     return "\n".join(lines)
@@ -223,6 +243,8 @@ def as_json(f: Figures) -> dict[str, Any]:
         "vm_s": f.vm_s,
         "fds": f.fds,
         **summary,
+        "failures": f.failures,
+        "raw_node_missing": f.raw_node_missing,
         "ratio_p50": f.ratio,
         "target_ratio": TARGET_RATIO,
         "machine_before": f.machine_before,

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import logging
 import os
 import secrets
@@ -76,6 +77,7 @@ MESSAGE_FREED = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e06"
 # How long a host-critical scan (mounts, swap, routes, consoles) stays fresh.
 CRITICAL_TTL = 2.0
 PAGE = 4096
+NODE_TIMEOUT = 5.0  # seconds a node may take to appear after a bind
 HUGE_PAGE = 2 << 20
 
 
@@ -340,10 +342,11 @@ class Broker:
         for group_id in lease.group_ids:
             _unlist(self._by_group, group_id, lease)
 
-    def critical(self) -> CriticalDevices:
-        """Host-critical devices and why; rescanned at most every CRITICAL_TTL s."""
+    def critical(self, *, fresh: bool = False) -> CriticalDevices:
+        """Host-critical devices and why; rescanned at most every CRITICAL_TTL s,
+        or now when ``fresh``."""
         now = time.monotonic()
-        if self._critical is None or now - self._critical[0] > CRITICAL_TTL:
+        if fresh or self._critical is None or now - self._critical[0] > CRITICAL_TTL:
             self._critical = (now, self.binder.critical())
         return self._critical[1]
 
@@ -400,6 +403,11 @@ class Broker:
         request = self._request(policy, options)
         backend = Backend(request.backend or Backend.LEGACY)  # _request always sets it
         owner_pid = self._check_owner(caller, options.owner_pidfd)
+        if options.managed:
+            # One scan for the whole acquire: policy decides on it and binding
+            # refuses on it (_bind_devices), as fresh as a scan right before the
+            # first sysfs write (acquire does not yield to the event loop).
+            self.critical(fresh=True)
 
         resolved: dict[PciAddress, tuple[PciDevice, IommuGroup | None]] = {}
         for text in addresses:
@@ -719,11 +727,13 @@ class Broker:
         moved: list[PciAddress],
     ) -> None:
         allowed = set(allow_critical)
+        critical = self.critical()  # acquire's fresh scan (managed=true)
         try:
-            self.binder.refuse_critical(addresses, allowed)
+            self.binder.refuse_critical(addresses, allowed, critical)
             for address in addresses:
                 log.info("binding %s to vfio-pci", address)
-                if self.binder.bind(address, allow_critical=allowed) is not None:
+                record = self.binder.bind(address, allow_critical=allowed, critical=critical)
+                if record is not None:
                     moved.append(address)
         except HostError as e:
             if e.errno == errno.EPERM:
@@ -771,7 +781,9 @@ class Broker:
         lease.handles.append(container)
         groups: list[tuple[Group, IommuGroup]] = []
         for info in lease.groups:
-            group = Group.open(self.kernel, info.node_name, dev_dir=self.dev_vfio)
+            group = _appearing(
+                functools.partial(Group.open, self.kernel, info.node_name, dev_dir=self.dev_vfio)
+            )
             lease.handles.append(group)
             groups.append((group, info))
             cross_check_viability(info, group.viable)
@@ -795,8 +807,10 @@ class Broker:
         # the group from being opened; until then the node is root-only.
         for info in lease.groups:
             for member in self._vfio_members(info):
-                path = cdev_path(member.address, sysfs=self.binder.sysfs.root)
-                with CdevDevice.open(self.kernel, path, str(member.address)) as cdev:
+                address = str(member.address)
+                path = cdev_path(address, sysfs=self.binder.sysfs.root)
+                opening = functools.partial(CdevDevice.open, self.kernel, path, address)
+                with _appearing(opening) as cdev:
                     # Unbound: the VMM binds it to its own iommufd and attaches.
                     fds[f"device:{member.address}"] = os.dup(cdev.fileno())
 
@@ -1192,6 +1206,22 @@ class Broker:
         """vfiod is stopping: end every lease; give back what is free now."""
         for lease in list(self.leases.values()):
             self.end(lease, "vfiod is stopping")
+
+
+T = TypeVar("T")
+
+
+def _appearing(open_node: Callable[[], T], timeout: float = NODE_TIMEOUT) -> T:
+    """Open a VFIO node that may not exist yet: devtmpfs and udev create it
+    a moment after a device is bound to vfio-pci."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return open_node()
+        except VfioError as e:
+            if e.errno != errno.ENOENT or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
 
 
 def _smallest(values: Iterable[int | None]) -> int | None:

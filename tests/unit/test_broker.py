@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import resource
 import subprocess
@@ -34,6 +35,7 @@ from vfiod.broker import (
     Grant,
     LeaseChange,
     LeaseState,
+    _appearing,
     first_fit,
 )
 from vfiod.errors import (
@@ -52,6 +54,7 @@ from vfiod.host.watcher import Action, Host, UEvent
 from vfiod.pci import PciAddress
 from vfiod.policy.load import PolicyHolder
 from vfiod.policy.model import Caller
+from vfiod.vfio import VfioError
 from vfiod.vfio.kernel import IovaRange
 
 ALICE = Caller(uid=1000, user="alice", gids=(1000,), groups=("alice",), unit=None, slices=())
@@ -748,3 +751,28 @@ def test_every_step_is_an_audit_entry_with_its_fields(
         }
         assert getattr(entry, "DEVICES") == str(NIC)  # noqa: B009 - a journal field
         assert getattr(entry, "CALLER_UNIT") == ""  # noqa: B009
+
+
+def test_nodes_that_appear_late_are_waited_for() -> None:
+    tries: list[int] = []
+
+    def late() -> str:
+        tries.append(1)
+        if len(tries) < 3:
+            raise VfioError(errno.ENOENT, "open", "/dev/vfio/10")
+        return "opened"
+
+    assert _appearing(late) == "opened"
+    assert len(tries) == 3
+
+    def busy() -> str:
+        raise VfioError(errno.EBUSY, "open", "/dev/vfio/10")
+
+    with pytest.raises(VfioError, match="EBUSY"):
+        _appearing(busy)  # other errors are not waited out
+
+    def missing() -> str:
+        raise VfioError(errno.ENOENT, "open", "/dev/vfio/9")
+
+    with pytest.raises(VfioError, match="ENOENT"):
+        _appearing(missing, timeout=0.05)  # not for ever

@@ -11,14 +11,16 @@ import dataclasses
 import glob
 import os
 import re
+import select
 import shlex
 import shutil
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 from tests.vm.topology import GUEST_DIR, Boot, KernelKind, Topology
 
@@ -87,7 +89,30 @@ def vng_path() -> str:
 
 
 GUEST_START = "--- vfiod: guest command starts ---"
+_POWERED_OFF = "reboot: Power down"
+POWEROFF_GRACE = 20.0  # seconds QEMU may take to exit after the guest powered off
 _KERNEL_LOG = re.compile(r"\[\s*\d+\.\d+\] ")
+
+
+def _lines_until(stream: IO[str], deadline: Callable[[], float]) -> Iterator[str]:
+    """Lines of ``stream`` until it ends or ``deadline()`` (monotonic) passes."""
+    fd = stream.fileno()
+    buffer = ""
+    while True:
+        left = deadline() - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if buffer:
+                yield buffer
+            return
+        chunk = os.read(fd, 65536).decode(errors="replace")
+        if not chunk:
+            if buffer:
+                yield buffer
+            return
+        buffer += chunk
+        *complete, buffer = buffer.split("\n")
+        for line in complete:
+            yield line + "\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,17 +172,22 @@ def run_vm(
     assert proc.stdout is not None
     try:
         started_guest = False
-        for line in proc.stdout:
+        # A guest that hangs (at power-off, say) prints nothing more: read
+        # with a deadline, never block on a line that may not come. Once the
+        # guest has powered off, QEMU gets POWEROFF_GRACE seconds to exit.
+        deadline = [started + timeout]
+        for line in _lines_until(proc.stdout, lambda: deadline[0]):
             lines.append(line)
+            if _POWERED_OFF in line:
+                deadline[0] = min(deadline[0], time.monotonic() + POWEROFF_GRACE)
             # Progress is what the guest command prints; QEMU's and the boot's
             # own lines stay in the log.
             if started_guest and not _KERNEL_LOG.match(line):
                 progress(line.rstrip("\n"))
             started_guest = started_guest or line.strip() == GUEST_START
-            if time.monotonic() - started > timeout:
-                proc.kill()
-                lines.append(f"\n[harness] VM killed after {timeout:g} s\n")
-                break
+        if proc.poll() is None and time.monotonic() >= deadline[0]:
+            proc.kill()
+            lines.append(f"\n[harness] VM killed after {time.monotonic() - started:.0f} s\n")
         returncode = proc.wait(timeout=30)
     finally:
         if proc.poll() is None:

@@ -115,10 +115,16 @@ class Binder:
         self.fault = fault
 
     def refuse_critical(
-        self, addresses: Iterable[PciAddress], allow_critical: Collection[PciAddress]
+        self,
+        addresses: Iterable[PciAddress],
+        allow_critical: Collection[PciAddress],
+        critical: CriticalDevices | None = None,
     ) -> None:
-        """Refuse, before anything changes, to move a device the host needs."""
-        critical = self.critical()
+        """Refuse, before anything changes, to move a device the host needs.
+        ``critical``: a scan the caller made for this same operation (a scan
+        reads every mount, swap, route and framebuffer: tens of ms)."""
+        if critical is None:
+            critical = self.critical()
         refused = [
             f"{address} {'; and '.join(critical[address])}"
             for address in addresses
@@ -141,15 +147,17 @@ class Binder:
         driver: str = VFIO_PCI,
         *,
         allow_critical: Collection[PciAddress] = (),
+        critical: CriticalDevices | None = None,
     ) -> BindingRecord | None:
         """Bind one device to ``driver``. Returns the record of what it had,
         or None when it was on ``driver`` already (nothing to undo).
-        Host-critical devices are refused unless in ``allow_critical``."""
+        Host-critical devices are refused unless in ``allow_critical``;
+        ``critical`` is the caller's scan for this bind (None: scan now)."""
         device = self.sysfs.require_device(address)
         original = self.sysfs.driver(address)
         if original == driver:
             return None
-        self.refuse_critical([address], allow_critical)
+        self.refuse_critical([address], allow_critical, critical)
         ensure_driver(self.sysfs, driver, self.load_module)
         record = BindingRecord(
             address=str(address),
@@ -203,11 +211,14 @@ class Binder:
         """Bind every member that must move; on any failure undo all of them.
         A host-critical member refuses the whole group before anything moves."""
         moving = [d.address for d in group.devices if needs_binding(d, driver)]
-        self.refuse_critical(moving, allow_critical)
+        critical = self.critical()
+        self.refuse_critical(moving, allow_critical, critical)
         done: list[BindingRecord] = []
         try:
             for address in moving:
-                record = self.bind(address, driver, allow_critical=allow_critical)
+                record = self.bind(
+                    address, driver, allow_critical=allow_critical, critical=critical
+                )
                 if record is not None:
                     done.append(record)
         except BaseException:
