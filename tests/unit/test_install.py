@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,37 @@ def test_the_unit_names_the_bus_name_and_is_notify() -> None:
         "Alias=dbus-org.vfiod1.service",
     ):
         assert f"\n{line}\n" in unit, line
+
+
+def test_make_install_builds_a_working_venv(tmp_path: Path) -> None:
+    """The whole `make install`, staged: the virtualenv with vfiod and its
+    dependencies, its scripts naming the interpreter where it will be, and
+    the commands linked into BINDIR. (Downloads from PyPI unless pip's cache
+    has the packages: `make venv` has filled it.)"""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed (apt-get install make)")
+    result = subprocess.run(
+        [make, "-s", "install", f"DESTDIR={tmp_path}", "PREFIX=/usr", f"PYTHON={sys.executable}"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    venv = tmp_path / "usr/lib/vfiod/venv"
+    for command in ("vfiod", "vfioctl"):
+        assert os.readlink(tmp_path / "usr/bin" / command) == f"/usr/lib/vfiod/venv/bin/{command}"
+        shebang = (venv / "bin" / command).read_text().splitlines()[0]
+        assert shebang == "#!/usr/lib/vfiod/venv/bin/python", shebang
+    check = subprocess.run(
+        [str(venv / "bin/python"), "-c", "import vfiod.daemon, vfiod.cli, systemd.journal"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd="/",
+    )
+    assert check.returncode == 0, check.stderr
+    assert {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()} >= FILES

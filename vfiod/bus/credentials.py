@@ -12,6 +12,7 @@ from typing import Any
 from sdbus import DbusInterfaceCommonAsync, dbus_method_async, dbus_signal_async
 
 from vfiod.errors import PermissionDenied
+from vfiod.host.process import exited
 from vfiod.policy.model import Caller
 
 
@@ -52,6 +53,24 @@ def systemd_unit(pid: int, proc: str = "/proc") -> tuple[str | None, tuple[str, 
     return (units[-1] if units else None), slices
 
 
+def pinned_unit(pid: int, proc: str = "/proc") -> tuple[str | None, tuple[str, ...]]:
+    """The unit and slices of ``pid``, read while a pidfd pins that process
+    and only believed if it is still the same live process afterwards: a pid
+    reused by another process must not lend the caller its unit. A caller
+    whose process is gone (its connection handed on) gets no unit."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None, ()
+    try:
+        found = systemd_unit(pid, proc)
+        if exited(pidfd):
+            return None, ()
+        return found
+    finally:
+        os.close(pidfd)
+
+
 @dataclasses.dataclass(frozen=True)
 class Credentials:
     caller: Caller
@@ -65,7 +84,7 @@ def caller_from(credentials: dict[str, tuple[str, Any]], proc: str = "/proc") ->
     uid = int(credentials["UnixUserID"][1])
     gids = tuple(int(g) for g in credentials.get("UnixGroupIDs", ("au", []))[1])
     pid = int(credentials["ProcessID"][1]) if "ProcessID" in credentials else None
-    unit, slices = systemd_unit(pid, proc) if pid is not None else (None, ())
+    unit, slices = pinned_unit(pid, proc) if pid is not None else (None, ())
     caller = Caller(
         uid=uid,
         user=_name(pwd.getpwuid, uid),

@@ -1,13 +1,17 @@
-"""The bus layer answers broker errors as they are and turns anything else
-into a logged bug with a generic message: no traceback crosses the bus."""
+"""The bus layer: broker errors are answered as they are, anything else
+becomes a logged bug with a generic message (no traceback crosses the bus);
+the caller is who its live process is."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+from pathlib import Path
 
 import pytest
 
+from vfiod.bus.credentials import pinned_unit
 from vfiod.bus.interfaces import InternalError, guarded
 from vfiod.errors import Busy
 
@@ -37,3 +41,22 @@ def test_other_exceptions_become_a_logged_bug(caplog: pytest.LogCaptureFixture) 
     (record,) = caplog.records
     assert record.exc_info is not None
     assert "bug: breaks failed" in record.getMessage()
+
+
+def test_the_callers_unit_comes_from_its_live_process(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        (proc / str(child.pid)).mkdir(parents=True)
+        (proc / str(child.pid) / "cgroup").write_text(
+            "0::/machine.slice/machine-qemu\\x2d1.scope\n"
+        )
+        assert pinned_unit(child.pid, str(proc)) == (
+            "machine-qemu\\x2d1.scope",
+            ("machine.slice",),
+        )
+    finally:
+        child.kill()
+        child.wait()
+    # Gone: no unit, whatever /proc says (the pid may belong to someone else).
+    assert pinned_unit(child.pid, str(proc)) == (None, ())
