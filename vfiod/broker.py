@@ -359,7 +359,7 @@ class Broker:
     ) -> list[tuple[str, bool, str]]:
         """Per device: would Acquire allow it, and why (not)."""
         policy = self.policy.current
-        request = self._request(policy, options)
+        _, request = self._request(policy, options)
         requested: set[PciAddress] = set()
         for text in addresses:
             with contextlib.suppress(AddressError):
@@ -400,8 +400,7 @@ class Broker:
         if not addresses:
             raise InvalidArgument("name at least one device (a PCI address like 0000:00:10.0)")
         policy = self.policy.current
-        request = self._request(policy, options)
-        backend = Backend(request.backend or Backend.LEGACY)  # _request always sets it
+        backend, request = self._request(policy, options)
         owner_pid = self._check_owner(caller, options.owner_pidfd)
         if options.managed:
             # One scan for the whole acquire: policy decides on it and binding
@@ -440,7 +439,7 @@ class Broker:
 
         moved: list[PciAddress] = []
         try:
-            groups = self._prepare(caller, resolved, decisions, options, moved)
+            groups = self._prepare(resolved, decisions, options, moved)
             lease = Lease(
                 id=secrets.token_hex(8),
                 caller=caller,
@@ -508,11 +507,14 @@ class Broker:
     def _save(self, lease: Lease) -> None:
         self.binder.state.update(lambda s: s.with_lease(lease.record()))
 
-    def _request(self, policy: Policy, options: AcquireOptions) -> Request:
+    @staticmethod
+    def _request(policy: Policy, options: AcquireOptions) -> tuple[Backend, Request]:
+        """The backend asked for (or the daemon's default) and the request for decide()."""
         backend = options.backend or Backend(policy.settings.default_backend)
-        return Request(
+        request = Request(
             backend=backend.value, managed=options.managed, unsafe_noiommu=options.unsafe_noiommu
         )
+        return backend, request
 
     def _resolve(self, text: str) -> tuple[PciDevice, IommuGroup | None]:
         """The device and its group; None for a device without an IOMMU group
@@ -604,7 +606,6 @@ class Broker:
 
     def _prepare(
         self,
-        caller: Caller,
         resolved: Mapping[PciAddress, tuple[PciDevice, IommuGroup | None]],
         decisions: Mapping[PciAddress, Decision],
         options: AcquireOptions,
@@ -613,11 +614,14 @@ class Broker:
         """Bind what must move (recording it in ``moved`` as it goes) and return
         the leased groups as they are now, each one viable."""
         grants = [d.grants for d in decisions.values() if d.grants is not None]
+        groups_asked: dict[str, IommuGroup] = {}
         for device, group in resolved.values():
             if group is None:
                 self._bind_noiommu(device, options, grants, moved)
             else:
-                self._bind_group(group, set(resolved), decisions, options, moved)
+                groups_asked.setdefault(group.id, group)  # two devices, one group: bind once
+        for group in groups_asked.values():
+            self._bind_group(group, set(resolved), decisions, options, moved)
         inventory = self.host.inventory
         groups: dict[str, IommuGroup] = {}
         for address in resolved:

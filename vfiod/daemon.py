@@ -226,14 +226,14 @@ class Daemon:
                 self.broker.end_owner(name, f"its bus connection {name} closed")
 
     def reload(self) -> None:
-        assert self.broker is not None
+        if self.service is None:
+            log.warning("asked to reload before vfiod was ready; the policy read at start stands")
+            return
         notify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            revoked = self.broker.reload_policy()
+            self.service.reload()
         except PolicyError as e:
             log.error("policy not reloaded, the previous one stays in force: %s", e)
-        else:
-            log.info("policy reloaded; %d lease(s) revoked", len(revoked))
         notify.notify("READY=1", "STATUS=policy reloaded")
 
     async def run(self) -> None:

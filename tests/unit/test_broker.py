@@ -776,3 +776,14 @@ def test_nodes_that_appear_late_are_waited_for() -> None:
 
     with pytest.raises(VfioError, match="ENOENT"):
         _appearing(missing, timeout=0.05)  # not for ever
+
+
+def test_two_devices_of_one_group_bind_the_group_once(world: World) -> None:
+    grant = world.acquire(BOB, devices=(str(E1000_A), str(E1000_B)))
+    close_all(grant.fds)
+    assert grant.lease.group_ids == (BRIDGE_GROUP,)
+    assert grant.lease.moved == (E1000_A, E1000_B)
+    unbinds = [path for path, _ in world.host.sysfs.writes if path.endswith("/unbind")]
+    assert len(unbinds) == 2, unbinds
+    world.broker.release(grant.lease.id, BOB)
+    assert world.host.sysfs.driver(E1000_A) == world.host.sysfs.driver(E1000_B) == "e1000"

@@ -127,7 +127,8 @@ class BusService:
         self.devices: dict[PciAddress, _Exported] = {}
         self.groups: dict[str, _Exported] = {}
         self.leases: dict[str, _Exported] = {}
-        self._settling: set[asyncio.Task[None]] = set()
+        # Ended leases being freed, by id: Release and ReloadPolicy wait on these.
+        self._settling: dict[str, asyncio.Task[None]] = {}
         # The inventory whose set of groups self.groups last matched: the host
         # replaces its inventory whenever anything changes, so while it is
         # the same object no group came or went.
@@ -158,7 +159,7 @@ class BusService:
         self._matched = inventory
 
     def close(self) -> None:
-        for task in self._settling:
+        for task in self._settling.values():
             task.cancel()
         for exported in [*self.leases.values(), *self.groups.values(), *self.devices.values()]:
             if exported.handle is not None:
@@ -322,10 +323,11 @@ class BusService:
             if exported is not None and lease.revoked:
                 assert isinstance(exported.obj, LeaseInterface)
                 exported.obj.revoked.emit(lease.end_reason)
-            if lease.id in self.broker.leases:  # still draining: free it soon
+            if lease.id in self.broker.leases and lease.id not in self._settling:
+                # Still draining: free it soon.
                 task = asyncio.get_running_loop().create_task(self._settle(lease.id))
-                self._settling.add(task)
-                task.add_done_callback(self._settling.discard)
+                self._settling[lease.id] = task
+                task.add_done_callback(functools.partial(self._settled_done, lease.id))
         elif change is LeaseChange.FREED:
             exported = self.leases.pop(lease.id, None)
             if exported is not None:
@@ -370,7 +372,16 @@ class BusService:
         credentials = await self.callers.of(get_current_message().sender)
         lease_id = self._lease_id(lease)
         self.broker.release(lease_id, credentials.caller)
-        await self._settle(lease_id)
+        await self._settled(lease_id)
+
+    def _settled_done(self, lease_id: str, _task: asyncio.Task[None]) -> None:
+        self._settling.pop(lease_id, None)
+
+    async def _settled(self, lease_id: str) -> None:
+        """Wait for the settling of an ended lease, if it is not free already."""
+        task = self._settling.get(lease_id)
+        if task is not None:
+            await asyncio.shield(task)  # a cancelled caller must not stop the freeing
 
     async def _settle(self, lease_id: str) -> None:
         """Give an ended lease a moment to become free, so that a caller that
@@ -404,20 +415,24 @@ class BusService:
                 "only root may reload vfiod's policy; run `systemctl reload vfiod` as root"
             )
         try:
-            revoked = self.broker.reload_policy()
+            revoked = self.reload()
         except PolicyError as e:
             raise PolicyInvalid(
                 f"the policy was not reloaded, the previous one stays in force: {e}"
             ) from e
-        log.info("policy reloaded; %d lease(s) revoked", len(revoked))
-        self._update_manager()
         for lease in revoked:
-            await self._settle(lease.id)
+            await self._settled(lease.id)
 
-    def _update_manager(self) -> None:
+    def reload(self) -> list[Lease]:
+        """Read the policy again (ReloadPolicy, or SIGHUP from `systemctl
+        reload`): end the leases it no longer allows, announce the settings.
+        PolicyError keeps the old policy."""
+        revoked = self.broker.reload_policy()
+        log.info("policy reloaded; %d lease(s) revoked", len(revoked))
         self.manager.properties_changed.emit(
             ("org.vfiod1.Manager", {"NoIommuMode": ("b", self.no_iommu_mode)}, [])
         )
+        return revoked
 
     async def map_dma(
         self, lease_id: str, memfd: int, offset: int, size: int, iova: int, options: Variants
