@@ -981,10 +981,6 @@ class Broker:
                 freed.append(lease)
         return freed
 
-    @property
-    def draining(self) -> bool:
-        return any(lease.state is LeaseState.DRAINING for lease in self.leases.values())
-
     def _groups_free(self, lease: Lease) -> bool:
         for node in lease.group_nodes:
             try:

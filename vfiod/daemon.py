@@ -1,7 +1,8 @@
 """The daemon: the host, the broker and the bus on one asyncio loop.
 
-Start: policy, leases left by an earlier run (they drain), inventory scan,
-objects exported, bus name owned, then READY=1. Runs until SIGTERM/SIGINT;
+Start: policy, inventory scan, leases of an earlier run (adopted with their
+fds from systemd's fd store, or drained), objects exported, bus name owned,
+then READY=1. Runs until SIGTERM/SIGINT;
 SIGHUP (``systemctl reload``) re-reads the policy.
 """
 
@@ -166,7 +167,8 @@ class Daemon:
                 "/usr/share/dbus-1/system.d?"
             ) from e
         await self._check_owners(driver)
-        self.tasks.append(asyncio.create_task(_every(DRAIN_INTERVAL, self._drain)))
+        # Ended leases whose clients still held fds: free them once they let go.
+        self.tasks.append(asyncio.create_task(_every(DRAIN_INTERVAL, broker.drain)))
         self.tasks.append(
             asyncio.create_task(_every(CRITICAL_INTERVAL, self.service.refresh_critical))
         )
@@ -208,11 +210,6 @@ class Daemon:
                 "start",
                 lease.id,
             )
-
-    def _drain(self) -> None:
-        assert self.broker is not None
-        if self.broker.draining:
-            self.broker.drain()
 
     @staticmethod
     def _keep_alive() -> None:

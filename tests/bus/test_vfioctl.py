@@ -111,6 +111,27 @@ def test_placeholders() -> None:
         substitute(["{iommufd}"], fds)
 
 
+def test_placeholders_in_a_qemu_command_line() -> None:
+    """What the VM tests' QEMU helper (tests/vm/vmm.py) hands to QEMU."""
+    fds = {"iommufd": 5, "device:0000:00:10.0": 7, "group:9": 8}
+    passthrough = [
+        "-object",
+        "iommufd,id=i0,fd={iommufd}",
+        "-device",
+        "vfio-pci,id=hostdev0,iommufd=i0,fd={device:0000:00:10.0}",
+    ]
+    assert substitute(passthrough, fds) == [
+        "-object",
+        "iommufd,id=i0,fd=5",
+        "-device",
+        "vfio-pci,id=hostdev0,iommufd=i0,fd=7",
+    ]
+    json_arg = '{"driver": "vfio-pci", "fd": "{device:0000:00:10.0}"}'
+    assert substitute([json_arg], fds) == ['{"driver": "vfio-pci", "fd": "7"}']
+    with pytest.raises(Exception, match=r"\{container\} names no fd of this lease; it has \{iommu"):
+        substitute(["fd={container}"], fds)
+
+
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     assert "acquire" in capsys.readouterr().out

@@ -73,6 +73,8 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import IO, Any, Self
 
+from vfiod.cli import substitute
+
 QEMU = "qemu-system-x86_64"
 MiB = 1 << 20
 KERNEL_DEFAULT_MEMLOCK = 8 * MiB  # RLIMIT_MEMLOCK of init since Linux 5.16
@@ -156,24 +158,6 @@ def find_qemu(binary: str = QEMU, minimum: tuple[int, int] = (9, 0)) -> tuple[st
     if (major, minor) < minimum:
         raise QemuNotFoundError(f"{path} is QEMU {major}.{minor}: {how}")
     return path, ".".join(found.groups())
-
-
-_PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9-]*(?::[^{}\s\"]+)?)\}")
-
-
-def expand_fds(argv: Sequence[str], fds: Mapping[str, int]) -> list[str]:
-    """Replace each ``{name}`` in ``argv`` with the number of the fd named ``name``
-    (``fd={iommufd}``, ``fd={device:0000:00:10.0}``). QEMU's JSON arguments
-    (``{"driver": ...}``) are left alone; an unknown name is an error."""
-
-    def number(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in fds:
-            known = ", ".join(sorted(fds)) or "none"
-            raise ValueError(f"no fd named {name!r} in {match.string!r} (fds: {known})")
-        return str(fds[name])
-
-    return [_PLACEHOLDER.sub(number, arg) for arg in argv]
 
 
 def probe_argv(extra: Sequence[str], *, memory_mib: int = 64, binary: str = QEMU) -> list[str]:
@@ -425,7 +409,7 @@ class QemuVmm:
         progress: Progress = _quiet,
     ) -> None:
         fds = dict(fds or {})
-        self.argv = expand_fds(argv, fds)
+        self.argv = substitute(argv, fds)  # what `vfioctl run` does
         self.pass_fds = tuple(sorted(set(fds.values())))
         self.uid = uid
         self.gid = gid

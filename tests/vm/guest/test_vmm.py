@@ -24,7 +24,6 @@ from tests.vm.vmm import (
     Progress,
     QemuError,
     QemuNotFoundError,
-    expand_fds,
     find_qemu,
     memlock_needed,
     run_qemu,
@@ -179,16 +178,5 @@ def test_stock_qemu_takes_no_legacy_fds(
                 assert refused.value.hint, refused.value.output
 
 
-def test_expand_fds() -> None:
-    fds = {"iommufd": 5, DEVICE_FD: 7, "group:9": 8}
-    assert expand_fds(PASSTHROUGH, fds) == [
-        "-object",
-        "iommufd,id=i0,fd=5",
-        "-device",
-        "vfio-pci,id=hostdev0,iommufd=i0,fd=7",
-    ]
-    json_arg = '{"driver": "vfio-pci", "fd": "{device:0000:00:10.0}"}'
-    assert expand_fds([json_arg], fds) == ['{"driver": "vfio-pci", "fd": "7"}']
-    with pytest.raises(ValueError, match=r"no fd named 'container'.*fds: device:0000:00:10.0"):
-        expand_fds(["fd={container}"], fds)
+def test_enough_memlock_is_more_than_the_guest_and_the_default() -> None:
     assert ENOUGH > GUEST_RAM_MIB * MiB > KERNEL_DEFAULT_MEMLOCK
