@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import errno
 import os
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, cast
@@ -60,11 +62,30 @@ class VfiodError(Exception):
 BusErrors = (sdbus.DbusFailedError, sdbus.SdBusUnmappedMessageError, sdbus.SdBusLibraryError)
 
 
+def _strerror(error: sdbus.SdBusLibraryError) -> str:
+    """The errno in an sd-bus library error ("... returned error number: 2"), in words."""
+    found = re.search(r"error number: (\d+)", str(error))
+    return os.strerror(int(found[1]) if found else errno.EIO)
+
+
+def _system_bus() -> SdBus:
+    """A connection to the system bus, or a VfiodError that says why there is none."""
+    try:
+        return sdbus.sd_bus_open_system()
+    except sdbus.SdBusLibraryError as e:
+        address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
+        raise VfiodError(
+            "org.freedesktop.DBus.Error.NoServer",
+            f"cannot connect to the system bus at {address}: {_strerror(e)}; "
+            "is dbus running (`systemctl status dbus`)?",
+        ) from None
+
+
 def _error(e: Exception) -> VfiodError:
     if isinstance(e, sdbus.SdBusLibraryError):
         return VfiodError(
             "org.freedesktop.DBus.Error.Disconnected",
-            f"cannot talk to the system bus ({e}); is dbus running?",
+            f"lost the system bus: {_strerror(e)}; is dbus running?",
         )
     if isinstance(e, sdbus.SdBusUnmappedMessageError):
         # An error name sdbus has no class for (all of vfiod's): (name, message).
@@ -322,7 +343,7 @@ class Client:
     end when it closes."""
 
     def __init__(self, bus: SdBus | None = None) -> None:
-        self.bus = bus if bus is not None else sdbus.sd_bus_open_system()
+        self.bus = bus if bus is not None else _system_bus()
 
     def _send(self, message: SdBusMessage) -> SdBusMessage:
         try:
@@ -401,7 +422,7 @@ class AsyncClient:
     """asyncio client; the same calls, awaited, plus ``events()``."""
 
     def __init__(self, bus: SdBus | None = None) -> None:
-        self.bus = bus if bus is not None else sdbus.sd_bus_open_system()
+        self.bus = bus if bus is not None else _system_bus()
 
     async def _send(self, message: SdBusMessage) -> SdBusMessage:
         try:
