@@ -730,21 +730,20 @@ class Broker:
         allow_critical: Iterable[PciAddress],
         moved: list[PciAddress],
     ) -> None:
-        allowed = set(allow_critical)
-        critical = self.critical()  # acquire's fresh scan (managed=true)
+        log.info("binding %s to vfio-pci", ", ".join(str(a) for a in addresses))
         try:
-            self.binder.refuse_critical(addresses, allowed, critical)
-            for address in addresses:
-                log.info("binding %s to vfio-pci", address)
-                record = self.binder.bind(address, allow_critical=allowed, critical=critical)
-                if record is not None:
-                    moved.append(address)
+            records = self.binder.bind_all(
+                addresses,
+                allow_critical=set(allow_critical),
+                critical=self.critical(),  # acquire's fresh scan (managed=true)
+            )
         except HostError as e:
             if e.errno == errno.EPERM:
                 raise HostCritical(str(e)) from e
             raise KernelError(e.errno or errno.EIO, str(e)) from e
         finally:
             self.host.refresh(addresses)
+        moved.extend(PciAddress.parse(r.address) for r in records)
 
     def _undo_binding(self, moved: Sequence[PciAddress]) -> None:
         if not moved:

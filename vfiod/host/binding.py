@@ -21,7 +21,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 from vfiod.host.critical import find_critical
 from vfiod.host.inventory import IommuGroup, PciDevice, is_dma_safe
@@ -211,11 +211,25 @@ class Binder:
         """Bind every member that must move; on any failure undo all of them.
         A host-critical member refuses the whole group before anything moves."""
         moving = [d.address for d in group.devices if needs_binding(d, driver)]
-        critical = self.critical()
-        self.refuse_critical(moving, allow_critical, critical)
+        return self.bind_all(moving, driver, allow_critical=allow_critical)
+
+    def bind_all(
+        self,
+        addresses: Sequence[PciAddress],
+        driver: str = VFIO_PCI,
+        *,
+        allow_critical: Collection[PciAddress] = (),
+        critical: CriticalDevices | None = None,
+    ) -> list[BindingRecord]:
+        """Bind each of ``addresses``, or none: a host-critical one refuses
+        them all before anything moves, and a failure undoes those done.
+        ``critical``: the caller's scan for this operation (None: scan now)."""
+        if critical is None:
+            critical = self.critical()
+        self.refuse_critical(addresses, allow_critical, critical)
         done: list[BindingRecord] = []
         try:
-            for address in moving:
+            for address in addresses:
                 record = self.bind(
                     address, driver, allow_critical=allow_critical, critical=critical
                 )
