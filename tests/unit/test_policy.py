@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import grp
 import json
 import os
+import pwd
 import shutil
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,8 @@ from vfiod.pci import PciAddress
 from vfiod.policy.decide import decide, format_decision
 from vfiod.policy.load import (
     FILE_KEY,
+    MAX_NESTING,
+    SETTINGS_KEYS,
     SYNTAX_KEY,
     KeyLines,
     LoadResult,
@@ -303,9 +308,29 @@ def test_settings(tmp_path: Path) -> None:
     assert load(tmp_path).policy.settings == Settings()
 
 
+def test_dma_limit_defaults_to_1g_and_reads_sizes(tmp_path: Path) -> None:
+    assert Settings().dma_limit == 2**30
+    assert load(tmp_path).policy.settings.dma_limit == 2**30
+    assert policy_of(settings='dma-limit = "4G"\n').settings == Settings(dma_limit=4 * 2**30)
+    assert policy_of(settings="dma-limit = 65536\n").settings.dma_limit == 65536
+    put(tmp_path, "etc/vfiod/vfiod.toml", 'dma-limit = "512M"\n')
+    assert load(tmp_path).policy.settings.dma_limit == 512 * 2**20
+
+
+@pytest.mark.parametrize("value", ["0", "-1", '"0"', '"lots"', '"1X"', "true", "1.5", '["1G"]'])
+def test_a_dma_limit_that_is_not_a_size_is_an_error(value: str) -> None:
+    [problem] = problems_of(settings=f"# pinning in vfiod\n\ndma-limit = {value}\n")
+    assert (problem.file, problem.line, problem.key) == ("vfiod.toml", 3, "dma-limit")
+    assert problem.message.startswith('expected a size like "16G" or "512M"')
+
+
 def test_the_shipped_settings_are_the_defaults(tmp_path: Path) -> None:
     shutil.copy(PROJECT / "policy/vfiod.toml", put(tmp_path, "etc/vfiod/vfiod.toml", ""))
     assert load(tmp_path).policy.settings == Settings()
+    # Every setting is there, set to its default, for the admin to see.
+    shipped = tomllib.loads((PROJECT / "policy/vfiod.toml").read_text())
+    assert set(shipped) == set(SETTINGS_KEYS)
+    assert shipped["dma-limit"] == "1G"
 
 
 # ---------------------------------------------------------------------------
@@ -1020,6 +1045,65 @@ def test_error_messages(text: str, line: int, key: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ('[[rule]]\nname = "r"\nusers = ["alice",\n', 3, "Invalid value"),
+        ('[[rule]]\nname = "r"\nusers = ["alice"', 3, "Unclosed array"),
+        ('[[rule]]\nname = "r"\ncomment = """never\nclosed\n', 4, "Unterminated string"),
+        ('[[rule]]\nname = "r"\neffect =', 3, "Invalid value"),
+        (
+            '[[rule]]\nname = "r"\n\n[[rule',
+            4,
+            "Expected ']]' at the end of an array declaration",
+        ),
+    ],
+)
+def test_syntax_errors_at_the_end_of_the_file_are_at_its_last_line(
+    text: str, line: int, message: str
+) -> None:
+    [problem] = problems_of(text)
+    assert (problem.line, problem.key) == (line, SYNTAX_KEY)
+    assert problem.message == (
+        f"{message} (at the end of the file); fix the TOML syntax (https://toml.io/en/v1.0.0)"
+    )
+
+
+DEEP = 1000  # levels: more than tomllib can take
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        (f"{allow(BASE)}vendor = {'[' * DEEP}{']' * DEEP}\n", 6),
+        # One level a line: the line where nesting first passes MAX_NESTING.
+        (f"{allow(BASE)}vendor = [\n" + "{a = [\n" * DEEP, 6 + MAX_NESTING // 2),
+        (f"{allow(BASE)}vendor = " + "[\n" * DEEP, 6 + MAX_NESTING),
+    ],
+)
+def test_nesting_too_deep_is_reported_where_it_happens(text: str, line: int) -> None:
+    [problem] = problems_of(text)
+    assert (problem.line, problem.key) == (line, SYNTAX_KEY)
+    assert problem.message == (
+        "arrays or inline tables nest too deeply (more than 32 levels; a policy needs three at "
+        "most): flatten them"
+    )
+
+
+def test_check_policy_shows_the_line_of_every_syntax_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unclosed = put(tmp_path, f"{POLICY_D}/10-a.toml", allow('address = "*"\nusers = ["a"'))
+    deep = put(tmp_path, f"{POLICY_D}/20-b.toml", allow(f"address = {'[' * DEEP}"))
+    assert main(["check-policy", "--root", str(tmp_path)]) == 1
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        f"error: {unclosed}:5: (syntax): Unclosed array (at the end of the file); fix the TOML "
+        "syntax (https://toml.io/en/v1.0.0)",
+        f"error: {deep}:4: (syntax): arrays or inline tables nest too deeply (more than 32 "
+        "levels; a policy needs three at most): flatten them",
+    ]
+
+
+@pytest.mark.parametrize(
     ("text", "line", "key", "message"),
     [
         (
@@ -1067,8 +1151,8 @@ def test_file_problems(tmp_path: Path) -> None:
     assert directory.key == FILE_KEY
     assert directory.line == 0
     assert str(directory) == (
-        f"{tmp_path}/{POLICY_D}/20-dir.toml: (file): cannot be read (Is a directory): make it "
-        "a readable file, or remove it"
+        f"{tmp_path}/{POLICY_D}/20-dir.toml: (file): is a directory, not a regular file: vfiod "
+        "reads policy only from regular files; replace it with one, or remove it"
     )
 
 
@@ -1349,7 +1433,7 @@ def test_cli_check_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert capsys.readouterr().out == (
         "policy is valid: 1 rule(s) (1 allow, 0 deny) read from 1 file(s); "
         "allow-unsafe-noiommu = "
-        'false, default-backend = "legacy"\n'
+        'false, default-backend = "legacy", dma-limit = "1G"\n'
     )
     assert main(["check-policy", "--root", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -1357,6 +1441,11 @@ def test_cli_check_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert report["errors"] == []
     assert report["rules"][0]["name"] == "r"
     assert report["rules"][0]["grants"]["backends"] == ["legacy", "iommufd"]
+    assert report["settings"] == {
+        "allow-unsafe-noiommu": False,
+        "default-backend": "legacy",
+        "dma-limit": 2**30,
+    }
 
 
 def test_cli_check_empty_says_deny_all(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1426,6 +1515,61 @@ def test_cli_explain(host: FakeSysfs, tmp_path: Path, capsys: pytest.CaptureFixt
     assert report["trace"][0]["outcome"] == "won"
 
 
+def unused_id(lookup: Callable[[int], object], start: int = 4242) -> int:
+    """The first id from ``start`` that ``lookup`` (pwd.getpwuid, grp.getgrgid) does not know."""
+    for number in range(start, start + 1000):
+        try:
+            lookup(number)
+        except KeyError:
+            return number
+    raise AssertionError("no free id")
+
+
+def test_cli_explain_a_uid_and_gid_without_names(
+    host: FakeSysfs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The daemon sees callers by uid and gids, named or not: so does --explain."""
+    uid, gid = unused_id(pwd.getpwuid), unused_id(grp.getgrgid, 4343)
+    root = tmp_path / "root"
+    put(root, f"{POLICY_D}/50-x.toml", allow(f'address = "0000:00:10.0"\nusers = [{uid}]', "uid"))
+    put(root, f"{POLICY_D}/60-x.toml", allow(f'address = "0000:00:10.0"\ngroups = [{gid}]', "gid"))
+    argv = ["check-policy", "--root", str(root), "--sysfs", host.root, "--proc", str(tmp_path)]
+    assert main([*argv, "--explain", "0000:00:10.0", "--user", str(uid)]) == 0
+    out = capsys.readouterr().out
+    assert f"caller:  uid {uid}, groups none\n" in out
+    assert "ALLOWED\n  Allowed by rule 'uid'" in out
+
+    other = unused_id(pwd.getpwuid, uid + 1)
+    assert (
+        main([*argv, "--explain", "0000:00:10.0", "--user", str(other), "--group", str(gid)]) == 0
+    )
+    assert "Allowed by rule 'gid'" in capsys.readouterr().out
+    assert main([*argv, "--explain", "0000:00:10.0", "--user", str(other), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["caller"] == {
+        "uid": other,
+        "user": None,
+        "gids": [],
+        "groups": [],
+        "unit": None,
+        "slices": [],
+    }
+    assert report["refusal"] == "no-rule"
+
+
+def test_cli_explain_a_numeric_group_that_has_a_name(
+    host: FakeSysfs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root"
+    put(root, f"{POLICY_D}/50-x.toml", allow('address = "0000:00:10.0"\ngroups = ["users"]'))
+    argv = ["check-policy", "--root", str(root), "--sysfs", host.root, "--proc", str(tmp_path)]
+    users = grp.getgrnam("users").gr_gid
+    assert (
+        main([*argv, "--explain", "0000:00:10.0", "--user", "nobody", "--group", str(users)]) == 0
+    )
+    assert "caller:  user nobody (uid 65534), groups nogroup, users\n" in capsys.readouterr().out
+
+
 def test_cli_explain_a_host_critical_device(
     host: FakeSysfs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1455,6 +1599,7 @@ def test_cli_explain_a_host_critical_device(
         (["--explain", "0000:00:10.0"], "--explain needs --user NAME"),
         (["--explain", "nic", "--user", "root"], "malformed PCI address 'nic'"),
         (["--explain", "0000:00:10.0", "--user", "no-such-user"], "no user 'no-such-user'"),
+        (["--explain", "0000:00:10.0", "--user", "4294967295"], "out of range for a uid"),
         (["--user", "root"], "--user only means something with --explain ADDRESS"),
     ],
 )

@@ -81,7 +81,7 @@ def only_policy_errors(text: str | bytes, *, as_settings: bool = False) -> LoadR
     assert result.problems, "a PolicyError names at least one problem"
     for problem in result.problems:
         assert problem.file == "fuzz.toml"
-        assert problem.line >= 0
+        assert problem.line >= 1, f"a problem in the text without a line: {problem}"
         assert problem.key
         assert problem.message
     return None

@@ -1,7 +1,7 @@
 """`vfiod check-policy`: validate the policy files, or explain one decision.
 
     vfiod check-policy [--root DIR] [--json]
-    vfiod check-policy --explain ADDRESS --user NAME [--group G]... [--unit U]
+    vfiod check-policy --explain ADDRESS --user NAME|UID [--group G|GID]... [--unit U]
                        [--slice S]... [--backend B] [--managed] [--unsafe-noiommu]
 
 Exit codes: 0 the files are valid (and, with --explain, the device is
@@ -25,7 +25,7 @@ from vfiod.host.inventory import PciDevice, scan
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.pci import AddressError, PciAddress
 from vfiod.policy.decide import decide, format_decision
-from vfiod.policy.load import LoadResult, PolicyError, Problem, load_policy
+from vfiod.policy.load import LoadResult, PolicyError, Problem, format_size, load_policy
 from vfiod.policy.model import BACKENDS, Caller, Effect, Policy, Request
 
 EXIT_OK = 0
@@ -52,13 +52,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--root", default="/", help="look for etc/vfiod and usr/lib/vfiod under DIR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--explain", metavar="ADDRESS", help="explain the decision for this device")
-    p.add_argument("--user", metavar="NAME", help="the caller to explain for (name or uid)")
+    p.add_argument(
+        "--user",
+        metavar="NAME",
+        help="the caller to explain for: a user name, or a uid (even one without a passwd entry)",
+    )
     p.add_argument(
         "--group",
         metavar="G",
         action="append",
         default=[],
-        help="an extra group for the caller (besides the user's own); repeatable",
+        help="an extra group for the caller (besides the user's own), by name or gid; repeatable",
     )
     p.add_argument("--unit", metavar="U", help='the caller\'s systemd unit, e.g. "vm@1.service"')
     p.add_argument(
@@ -106,7 +110,7 @@ def _summary(policy: Policy) -> str:
         f"{len(policy.rules)} rule(s) ({len(policy.rules) - deny} allow, {deny} deny) read "
         f"from {len(policy.files)} file(s); allow-unsafe-noiommu = "
         f"{str(settings.allow_unsafe_noiommu).lower()}, default-backend = "
-        f'"{settings.default_backend}"'
+        f'"{settings.default_backend}", dma-limit = "{format_size(settings.dma_limit)}"'
     )
 
 
@@ -130,6 +134,7 @@ def _check(args: argparse.Namespace) -> int:
             report["settings"] = {
                 "allow-unsafe-noiommu": result.policy.settings.allow_unsafe_noiommu,
                 "default-backend": result.policy.settings.default_backend,
+                "dma-limit": result.policy.settings.dma_limit,
             }
             report["rules"] = [rule.to_json() for rule in result.policy.rules]
         json.dump(report, sys.stdout, indent=2)
@@ -149,33 +154,70 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK if error is None else EXIT_FAILURE
 
 
-def resolve_caller(user: str, groups: list[str], unit: str | None, slices: list[str]) -> Caller:
-    """A Caller for a user of this host, as the daemon would see it."""
+_MAX_ID = 2**32 - 2  # (uid_t)-1 means "no id" to the kernel
+
+
+def _numeric_id(text: str) -> int | None:
+    """A uid or gid written as a number, else None."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    number = int(text)
+    if number > _MAX_ID:
+        raise _UsageError(f"{text} is out of range for a uid or gid (0 to {_MAX_ID})")
+    return number
+
+
+def _passwd_entry(user: str) -> pwd.struct_passwd | None:
+    """The user's passwd entry; None for a numeric uid without one."""
+    uid = _numeric_id(user)
     try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        return pwd.getpwnam(user) if uid is None else pwd.getpwuid(uid)
     except (KeyError, ValueError):
+        if uid is not None:
+            return None  # the daemon sees such callers too: explain by number
         raise _UsageError(
-            f"no user {user!r} in the passwd database: give an existing user name or uid"
+            f"no user {user!r} in the passwd database: give an existing user name or a uid"
         ) from None
-    gids = list(dict.fromkeys(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+
+
+def _add_group(group: str, gids: list[int], names: list[str]) -> None:
+    """Add a --group, by name or gid, to the caller's groups (rules may name
+    either), whether or not the group database knows it."""
+    gid = _numeric_id(group)
+    name = group if gid is None else None
+    try:
+        if gid is None:
+            gid = grp.getgrnam(group).gr_gid
+        else:
+            name = grp.getgrgid(gid).gr_name
+    except KeyError:
+        pass  # explain as if the group existed: rules name groups by name or gid
+    if gid is not None and gid not in gids:
+        gids.append(gid)
+    if name is not None and name not in names:
+        names.append(name)
+
+
+def resolve_caller(user: str, groups: list[str], unit: str | None, slices: list[str]) -> Caller:
+    """A Caller for a user of this host, as the daemon would see it. A
+    numeric uid without a passwd entry has no name and only ``groups``."""
+    entry = _passwd_entry(user)
+    if entry is None:
+        uid, name, gids = int(user), None, []
+    else:
+        uid, name = entry.pw_uid, entry.pw_name
+        gids = list(dict.fromkeys(os.getgrouplist(entry.pw_name, entry.pw_gid)))
     names = []
     for gid in gids:
         try:
             names.append(grp.getgrgid(gid).gr_name)
         except KeyError:
             continue  # a gid without a name still counts by number
-    for name in groups:
-        if name not in names:
-            names.append(name)
-        try:
-            extra = grp.getgrnam(name).gr_gid
-        except KeyError:
-            continue  # explain as if the group existed: rules name groups by name
-        if extra not in gids:
-            gids.append(extra)
+    for group in groups:
+        _add_group(group, gids, names)
     return Caller(
-        uid=entry.pw_uid,
-        user=entry.pw_name,
+        uid=uid,
+        user=name,
         gids=tuple(gids),
         groups=tuple(names),
         unit=unit,

@@ -9,6 +9,11 @@ Files, under a root directory (``/`` on a host, a temporary tree in tests):
   read in file name order (the systemd drop-in convention); a file that is
   empty or a symlink to /dev/null masks its namesake.
 
+Policy decides who gets root's devices, so only what root alone can change
+is read: a file or directory that another user owns or may write is an
+error, and so is anything but a regular file (a FIFO would block the read,
+/dev/zero would never end it) or a file above MAX_FILE_SIZE.
+
 tomllib reports no positions for values, so a small scanner (``key_lines``)
 finds the line of every key and ``[[rule]]`` header in the text tomllib has
 already accepted. Parsing (``parse_policy``) is pure: bytes in, a LoadResult
@@ -26,6 +31,7 @@ import logging
 import os
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -46,8 +52,18 @@ log = logging.getLogger(__name__)
 
 SETTINGS_PATHS = ("etc/vfiod/vfiod.toml", "usr/lib/vfiod/vfiod.toml")  # first found wins
 POLICY_DIRECTORIES = ("usr/lib/vfiod/policy.d", "etc/vfiod/policy.d")  # later ones override
-FILE_KEY = "(file)"  # Problem.key of problems with a whole file
+# Every directory load_policy reads, checked for writers besides root; not the
+# root itself nor its parents (on a host they are / and /etc, root's anyway).
+POLICY_TREE = tuple(
+    sorted({*POLICY_DIRECTORIES, *(os.path.dirname(path) for path in SETTINGS_PATHS)})
+)
+FILE_KEY = "(file)"  # Problem.key of problems with a whole file or directory
 SYNTAX_KEY = "(syntax)"  # Problem.key of TOML syntax errors
+# 10,000 generated rules (bench/policy_eval.py) take about 1 MiB.
+MAX_FILE_SIZE = 16 * 2**20
+# Nesting past this is reported at the line where it happens when tomllib gives
+# up (a policy nests at most three levels: rule = [{users = [...]}]).
+MAX_NESTING = 32
 
 
 # ---------------------------------------------------------------------------
@@ -104,6 +120,7 @@ KeyPath = tuple[str | int, ...]
 _DOTTED_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+(?:[ \t]*\.[ \t]*[A-Za-z0-9_-]+)*")
 _VALUE_TOKEN = re.compile(r"\"\"\"|'''|[\"'#\[\]{}]")
 _POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+_END_OF_DOCUMENT = " (at end of document)"
 
 
 # The rest of a string after its opening delimiter, up to its closing one.
@@ -166,6 +183,8 @@ class KeyLines:
 
     def __init__(self, text: str) -> None:
         self.lines: dict[KeyPath, int] = {}
+        # The first line where arrays and inline tables nest deeper than MAX_NESTING.
+        self.too_deep: int | None = None
         self._arrays: dict[KeyPath, int] = {}  # array of tables -> elements so far
         self._scan(text)
 
@@ -207,7 +226,9 @@ class KeyLines:
                 if start is None:
                     continue
                 pos = start
-            depth, open_string = _scan_value(line, pos, depth)
+            depth, open_string, deepest = _scan_value(line, pos, depth)
+            if deepest > MAX_NESTING and self.too_deep is None:
+                self.too_deep = number
 
     def _line_start(self, line: str, number: int, current: KeyPath) -> tuple[KeyPath, int | None]:
         """Record a header or key starting the line; the table now current and
@@ -236,9 +257,11 @@ class KeyLines:
         return current, end + 1
 
 
-def _scan_value(line: str, pos: int, depth: int) -> tuple[int, str]:
+def _scan_value(line: str, pos: int, depth: int) -> tuple[int, str, int]:
     """Follow a value to the end of its line: the nesting depth of arrays and
-    inline tables then, and the delimiter of a multi-line string left open."""
+    inline tables then, the delimiter of a multi-line string left open, and
+    the deepest nesting on the line."""
+    deepest = depth
     while (m := _VALUE_TOKEN.search(line, pos)) is not None:
         lexeme = m.group()
         pos = m.end()
@@ -247,12 +270,13 @@ def _scan_value(line: str, pos: int, depth: int) -> tuple[int, str]:
         if lexeme[0] in "\"'":
             pos = _string_end(line, pos, lexeme)
             if pos < 0:
-                return depth, lexeme  # only multi-line strings get here in valid TOML
+                return depth, lexeme, deepest  # only multi-line strings get here in valid TOML
         elif lexeme in "[{":
             depth += 1
+            deepest = max(deepest, depth)
         else:
             depth = max(depth - 1, 0)
-    return depth, ""
+    return depth, "", deepest
 
 
 # ---------------------------------------------------------------------------
@@ -574,6 +598,14 @@ def parse_size(value: object) -> int:
     return size
 
 
+def format_size(size: int) -> str:
+    """A size as parse_size reads it: "1G" for 2**30, "1536M", "1000" bytes."""
+    for unit, power in reversed(_UNIT_POWERS.items()):
+        if size > 0 and size % 1024**power == 0:
+            return f"{size // 1024**power}{unit.upper()}"
+    return str(size)
+
+
 def _text(value: object) -> str:
     if not isinstance(value, str):
         raise _InvalidValueError(f"expected a string, got {_type_name(value)}")
@@ -623,7 +655,21 @@ GRANT_KEYS = (
     "restore-driver",
 )
 RULE_KEYS = ("name", "effect", "comment", *DEVICE_KEYS, *CALLER_KEYS, *GRANT_KEYS)
-SETTINGS_KEYS = ("allow-unsafe-noiommu", "default-backend")
+
+
+def _default_backend(value: object) -> str:
+    if not isinstance(value, str) or value not in BACKENDS:
+        raise _InvalidValueError(f'expected "legacy" or "iommufd", got {_type_name(value)}')
+    return value
+
+
+# vfiod.toml's keys: the Settings field each sets, and its parser.
+_SETTINGS_PARSERS: dict[str, tuple[str, Callable[[object], Any]]] = {
+    "allow-unsafe-noiommu": ("allow_unsafe_noiommu", _boolean),
+    "default-backend": ("default_backend", _default_backend),
+    "dma-limit": ("dma_limit", parse_size),
+}
+SETTINGS_KEYS = tuple(_SETTINGS_PARSERS)
 
 _LIST_PARSERS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "address": ("a PCI address or glob", _address),
@@ -829,26 +875,41 @@ def _read_toml(source: Source, ctx: _Context) -> tuple[dict[str, Any], KeyLines]
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        message = str(e)
-        m = _POSITION.search(message)
-        line = int(m[1]) if m else 0
-        if m:
-            message = f"{message[: m.start()]} (column {m[2]})"
+        ctx.errors.append(_syntax_problem(source.path, str(e), text))
+        return None
+    except RecursionError:
+        # tomllib recurses per nesting level; say where the nesting runs away.
+        line = KeyLines(text).too_deep or _last_line(text)
         ctx.errors.append(
             Problem(
                 source.path,
                 line,
                 SYNTAX_KEY,
-                f"{message}; fix the TOML syntax (https://toml.io/en/v1.0.0)",
+                f"arrays or inline tables nest too deeply (more than {MAX_NESTING} levels; a "
+                "policy needs three at most): flatten them",
             )
         )
         return None
-    except RecursionError:
-        ctx.errors.append(
-            Problem(source.path, 0, SYNTAX_KEY, "nests arrays or tables too deeply; flatten it")
-        )
-        return None
     return data, KeyLines(text)
+
+
+def _last_line(text: str) -> int:
+    """The number of the file's last line (a final newline ends it, starts none)."""
+    return max(text.count("\n") + (not text.endswith("\n")), 1)
+
+
+def _syntax_problem(path: str, message: str, text: str) -> Problem:
+    """A tomllib error as a Problem at its line ("at end of document": the last line)."""
+    m = _POSITION.search(message)
+    if m is not None:
+        line = int(m[1])
+        message = f"{message[: m.start()]} (column {m[2]})"
+    else:
+        line = _last_line(text)
+        message = message.removesuffix(_END_OF_DOCUMENT) + " (at the end of the file)"
+    return Problem(
+        path, line, SYNTAX_KEY, f"{message}; fix the TOML syntax (https://toml.io/en/v1.0.0)"
+    )
 
 
 def _parse_settings(source: Source, ctx: _Context) -> Settings:
@@ -859,23 +920,12 @@ def _parse_settings(source: Source, ctx: _Context) -> Settings:
     values: dict[str, Any] = {}
     for key, value in data.items():
         line = lines.line_of((key,))
-        if key == "allow-unsafe-noiommu":
+        if key in _SETTINGS_PARSERS:
+            field, parser = _SETTINGS_PARSERS[key]
             try:
-                values["allow_unsafe_noiommu"] = _boolean(value)
+                values[field] = parser(value)
             except _InvalidValueError as e:
                 ctx.errors.append(Problem(source.path, line, key, str(e)))
-        elif key == "default-backend":
-            if value in BACKENDS:
-                values["default_backend"] = value
-            else:
-                ctx.errors.append(
-                    Problem(
-                        source.path,
-                        line,
-                        key,
-                        f'expected "legacy" or "iommufd", got {_type_name(value)}',
-                    )
-                )
         elif key == "rule":
             ctx.errors.append(
                 Problem(
@@ -978,14 +1028,112 @@ def parse_policy(
 # Files
 
 
-def _masked(path: str) -> bool:
-    return os.path.realpath(path) == os.devnull
+# Never block (a FIFO), never become a terminal's controlling process.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+_READ_CHUNK = 2**20
+_NOT_REGULAR: tuple[tuple[Callable[[int], bool], str], ...] = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _is_dev_null(status: os.stat_result) -> bool:
+    """Is this /dev/null (a mask, as in systemd)?"""
+    if not stat.S_ISCHR(status.st_mode):
+        return False
+    null = os.stat(os.devnull)
+    return status.st_rdev == null.st_rdev
+
+
+def _writers_besides_root(status: os.stat_result) -> str | None:
+    """Who but root may change a file or directory with this status, in
+    words; None when only root may."""
+    writers = []
+    if status.st_uid != 0:
+        writers.append(f"its owner uid {status.st_uid}")
+    if status.st_mode & stat.S_IWGRP and status.st_gid != 0:
+        writers.append(f"group {status.st_gid}")
+    if status.st_mode & stat.S_IWOTH:
+        writers.append("everyone")
+    return " and ".join(writers) or None
+
+
+def _ownership(status: os.stat_result) -> str:
+    return f"owner {status.st_uid}:{status.st_gid}, mode {stat.S_IMODE(status.st_mode):04o}"
+
+
+class _RefusedFileError(Exception):
+    """A policy file that must not be used; the message says why and what to do."""
+
+
+def _check_file(path: str, status: os.stat_result) -> None:
+    """Raise _RefusedFileError unless the file with this status may be read."""
+    for test, kind in _NOT_REGULAR:
+        if test(status.st_mode):
+            link = f" (a symlink to {os.readlink(path)})" if os.path.islink(path) else ""
+            raise _RefusedFileError(
+                f"is {kind}{link}, not a regular file: vfiod reads policy only from regular "
+                "files; replace it with one, or remove it"
+            )
+    if not stat.S_ISREG(status.st_mode):
+        raise _RefusedFileError("is not a regular file: replace it with one, or remove it")
+    writers = _writers_besides_root(status)
+    if writers is not None:
+        raise _RefusedFileError(
+            f"can be changed by {writers}, not only by root ({_ownership(status)}), so vfiod "
+            f"does not trust it: `chown root:root {path} && chmod go-w {path}`"
+        )
+    if status.st_size > MAX_FILE_SIZE:
+        raise _RefusedFileError(_too_large(status.st_size))
+
+
+def _too_large(size: int) -> str:
+    return (
+        f"is {size} bytes, more than the {MAX_FILE_SIZE // 2**20} MiB a policy file may hold: "
+        "split it into several files"
+    )
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks = []
+    total = 0
+    while total < limit:
+        chunk = os.read(fd, min(limit - total, _READ_CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_checked(path: str) -> Source | None:
+    """A policy file's contents, None for a mask (/dev/null); raises
+    _RefusedFileError or OSError."""
+    status = os.stat(path)
+    if _is_dev_null(status):
+        return None
+    _check_file(path, status)  # before opening too: no device or FIFO is ever opened
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        _check_file(path, os.fstat(fd))  # the file opened counts, whatever the path is now
+        data = _read_at_most(fd, MAX_FILE_SIZE + 1)  # it may have grown since
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_SIZE:
+        raise _RefusedFileError(_too_large(len(data)))
+    return Source(path, data)
 
 
 def _read(path: str, problems: list[Problem]) -> Source | None:
+    """A policy file's contents; None when it is a mask or must not be used
+    (then the reason is in ``problems``)."""
     try:
-        with open(path, "rb") as f:
-            return Source(path, f.read())
+        return _read_checked(path)
+    except _RefusedFileError as e:
+        problems.append(Problem(path, 0, FILE_KEY, str(e)))
     except OSError as e:
         problems.append(
             Problem(
@@ -995,7 +1143,39 @@ def _read(path: str, problems: list[Problem]) -> Source | None:
                 f"cannot be read ({e.strerror}): make it a readable file, or remove it",
             )
         )
-        return None
+    return None
+
+
+def untrusted_directories(root: str = "/") -> list[Problem]:
+    """A problem for each directory of POLICY_TREE under ``root`` that
+    anyone but root may change: its files could be replaced or masked."""
+    problems = []
+    for directory in POLICY_TREE:
+        path = os.path.join(root, directory)
+        try:
+            status = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not there: nothing is read from it
+        except OSError as e:
+            problems.append(
+                Problem(
+                    path, 0, FILE_KEY, f"cannot be examined ({e.strerror}): fix its permissions"
+                )
+            )
+            continue
+        writers = _writers_besides_root(status)
+        if stat.S_ISDIR(status.st_mode) and writers is not None:
+            problems.append(
+                Problem(
+                    path,
+                    0,
+                    FILE_KEY,
+                    f"is a policy directory that {writers} can change, not only root "
+                    f"({_ownership(status)}), so vfiod trusts no file in it: "
+                    f"`chown root:root {path} && chmod go-w {path}`",
+                )
+            )
+    return problems
 
 
 def policy_paths(root: str = "/") -> tuple[list[str], list[Problem]]:
@@ -1010,7 +1190,13 @@ def policy_paths(root: str = "/") -> tuple[list[str], list[Problem]]:
             continue
         except OSError as e:
             problems.append(
-                Problem(path, 0, FILE_KEY, f"cannot be listed ({e.strerror}): fix its permissions")
+                Problem(
+                    path,
+                    0,
+                    FILE_KEY,
+                    f"cannot be listed ({e.strerror}): make it a directory root can read, "
+                    "or remove it",
+                )
             )
             continue
         for name in names:
@@ -1027,20 +1213,15 @@ def load_policy(
 ) -> LoadResult:
     """Read and check every policy file under ``root``; raises PolicyError
     listing every problem in every file."""
-    paths, problems = policy_paths(root)
+    paths, listing_problems = policy_paths(root)
+    problems = [*untrusted_directories(root), *listing_problems]
     settings_path = None
     for candidate in SETTINGS_PATHS:
         if os.path.lexists(os.path.join(root, candidate)):
             settings_path = os.path.join(root, candidate)
             break
-    settings = None
-    if settings_path is not None and not _masked(settings_path):
-        settings = _read(settings_path, problems)
-    sources = [
-        source
-        for path in paths
-        if not _masked(path) and (source := _read(path, problems)) is not None
-    ]
+    settings = None if settings_path is None else _read(settings_path, problems)
+    sources = [source for path in paths if (source := _read(path, problems)) is not None]
     return parse_policy(
         sources,
         settings,

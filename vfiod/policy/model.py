@@ -16,6 +16,7 @@ from typing import Any
 from vfiod.pci import AddressError, PciAddress
 
 BACKENDS = ("legacy", "iommufd")
+DEFAULT_DMA_LIMIT = 2**30  # 1 GiB
 GLOB_CHARACTERS = frozenset("*?[")
 WILDCARD = "*"
 
@@ -199,6 +200,9 @@ class Settings:
 
     allow_unsafe_noiommu: bool = False
     default_backend: str = "legacy"
+    # Bytes MapDma may pin (in vfiod itself) for one lease whose rule sets no
+    # max-locked-memory: without it such a rule would mean unlimited pinning.
+    dma_limit: int = DEFAULT_DMA_LIMIT
 
 
 @dataclasses.dataclass(frozen=True)
