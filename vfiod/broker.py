@@ -24,7 +24,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from vfiod.errors import (
@@ -37,18 +37,17 @@ from vfiod.errors import (
     NotSupported,
     NotViable,
     PermissionDenied,
-    Unsafe,
 )
 from vfiod.host import noiommu
-from vfiod.host.binding import Binder, CriticalDevices, needs_binding
-from vfiod.host.inventory import IommuGroup, PciDevice, cross_check_viability
+from vfiod.host.binding import Binder, CriticalDevices
+from vfiod.host.inventory import IommuGroup, PciDevice, cross_check_viability, is_vfio_driver
 from vfiod.host.process import exited, owner_process, raise_memlock
 from vfiod.host.sysfs import HostError
 from vfiod.host.watcher import Host, HostChange, HostEvent
 from vfiod.pci import AddressError, PciAddress
-from vfiod.policy.decide import decide
+from vfiod.plan import Plan, Target, plan
 from vfiod.policy.load import PolicyHolder
-from vfiod.policy.model import Caller, Decision, Grants, Policy, Refusal, Request
+from vfiod.policy.model import Caller, Policy, Request
 from vfiod.state import LeaseRecord
 from vfiod.vfio import (
     CdevDevice,
@@ -79,6 +78,8 @@ CRITICAL_TTL = 2.0
 PAGE = 4096
 NODE_TIMEOUT = 5.0  # seconds a node may take to appear after a bind
 HUGE_PAGE = 2 << 20
+# dbus-daemon drops a message carrying more fds and disconnects its sender.
+MAX_REPLY_FDS = 16
 
 
 class Backend(enum.StrEnum):
@@ -252,16 +253,6 @@ def _caller_fields(caller: Caller, pid: int | None) -> dict[str, object]:
     }
 
 
-def refusal_error(decision: Decision) -> BrokerError:
-    """The error a refused decision is answered with."""
-    text = " ".join(decision.reasons) or "denied by policy"
-    if decision.refusal is Refusal.HOST_CRITICAL:
-        return HostCritical(text)
-    if decision.refusal is Refusal.UNSAFE_NOIOMMU:
-        return Unsafe(text)
-    return PermissionDenied(text)
-
-
 def first_fit(
     ranges: Iterable[IovaRange], taken: Iterable[tuple[int, int]], size: int, align: int
 ) -> int | None:
@@ -357,35 +348,88 @@ class Broker:
     def check_access(
         self, caller: Caller, addresses: Sequence[str], options: AcquireOptions
     ) -> list[tuple[str, bool, str]]:
-        """Per device: would Acquire allow it, and why (not)."""
+        """Per device: would Acquire allow it, and why (not). The same plan and
+        the same request checks as Acquire; only a holder of the group is
+        not a refusal here (it is a matter of time), just said."""
         policy = self.policy.current
-        _, request = self._request(policy, options)
-        requested: set[PciAddress] = set()
-        for text in addresses:
-            with contextlib.suppress(AddressError):
-                requested.add(PciAddress.parse(text))
-        results = []
+        backend, request = self._request(policy, options)
+        targets: list[Target] = []
+        unresolved: dict[str, BrokerError] = {}
         for text in addresses:
             try:
-                device, group = self._resolve(text)
-                decision = self._decide(policy, caller, device, group, request)
+                targets.append(self._target(text))
             except BrokerError as e:
-                results.append((text, False, e.message))
+                unresolved[text] = e
+        try:
+            self._check_owner(caller, options.owner_pidfd)
+            the_plan = self._plan(policy, caller, request, targets, options)
+            refused = self._request_refusal(caller, the_plan, backend, options)
+        except BrokerError as e:
+            return [(text, False, e.message) for text in addresses]
+        results = []
+        for text in addresses:
+            if text in unresolved:
+                results.append((text, False, unresolved[text].message))
                 continue
-            if not decision.allowed:
-                results.append((text, False, refusal_error(decision).message))
-                continue
-            grants = [decision.grants] if decision.grants is not None else []
-            refusal = self._binding_refusal(device, group, requested, grants, options)
+            target = self._target(text)
+            group_plan = the_plan.group_of(target.device.address)
+            refusal = group_plan.refusal or refused
             if refusal is not None:
                 results.append((text, False, refusal.message))
                 continue
+            decision = group_plan.decisions[target.device.address]
             reason = " ".join(decision.reasons) or "allowed"
-            holder = self._holder(device, group)
+            holder = self._holder(target.device, target.group)
             if holder is not None:
-                reason += f" (but now {self._busy_text(holder, group, device)})"
+                reason += f" (but now {self._busy_text(holder, target.group, target.device)})"
             results.append((text, True, reason))
         return results
+
+    def _target(self, text: str) -> Target:
+        device, group = self._resolve(text)
+        return Target(device, group)
+
+    def _plan(
+        self,
+        policy: Policy,
+        caller: Caller,
+        request: Request,
+        targets: Sequence[Target],
+        options: AcquireOptions,
+    ) -> Plan:
+        unique = list({t.device.address: t for t in targets}.values())
+        return plan(
+            policy, caller, request, unique, managed=options.managed, critical=self.critical()
+        )
+
+    def _request_refusal(
+        self, caller: Caller, the_plan: Plan, backend: Backend, options: AcquireOptions
+    ) -> BrokerError | None:
+        """What refuses the request as a whole, once its groups could be had."""
+        try:
+            self._check_max_leases(caller, the_plan)
+        except BrokerError as e:
+            return e
+        if backend is Backend.IOMMUFD and any(
+            g.group is None or g.group.noiommu for g in the_plan.groups
+        ):
+            return NotSupported(
+                "no-IOMMU devices have no iommufd path in Linux; ask with backend=legacy"
+            )
+        fds = (
+            1 + len(the_plan.reachable)
+            if backend is Backend.IOMMUFD
+            else (
+                1 + len(the_plan.groups) + (len(the_plan.reachable) if options.open_devices else 0)
+            )
+        )
+        if fds > MAX_REPLY_FDS:
+            return InvalidArgument(
+                f"the lease would return {fds} fds, more than the {MAX_REPLY_FDS} one D-Bus "
+                "reply can carry; ask with open-devices=false and open the devices from the "
+                "group fds, or ask for fewer devices at a time"
+            )
+        return None
 
     # -- acquire
 
@@ -403,43 +447,36 @@ class Broker:
         backend, request = self._request(policy, options)
         owner_pid = self._check_owner(caller, options.owner_pidfd)
         if options.managed:
-            # One scan for the whole acquire: policy decides on it and binding
-            # refuses on it (_bind_devices), as fresh as a scan right before the
-            # first sysfs write (acquire does not yield to the event loop).
+            # One scan for the whole acquire: the plan decides on it and binding
+            # refuses on it, as fresh as a scan right before the first sysfs
+            # write (acquire does not yield to the event loop).
             self.critical(fresh=True)
-
-        resolved: dict[PciAddress, tuple[PciDevice, IommuGroup | None]] = {}
-        for text in addresses:
-            device, group = self._resolve(text)
-            resolved.setdefault(device.address, (device, group))
-        for device, group in resolved.values():
-            holder = self._holder(device, group)
+        targets = [self._target(text) for text in addresses]
+        for target in targets:
+            holder = self._holder(target.device, target.group)
             if holder is not None:
-                raise Busy(self._busy_text(holder, group, device) + "; wait for it to end")
-
-        decisions = {
-            address: self._decide(policy, caller, device, group, request)
-            for address, (device, group) in resolved.items()
-        }
-        for address, decision in decisions.items():
-            if not decision.allowed:
-                _audit(
-                    MESSAGE_DENIED,
-                    f"denied {address} to uid {caller.uid}: {' '.join(decision.reasons)}",
-                    {"DEVICES": str(address), **_caller_fields(caller, pid)},
+                raise Busy(
+                    self._busy_text(holder, target.group, target.device) + "; wait for it to end"
                 )
-                raise refusal_error(decision)
-        self._check_max_leases(caller, decisions.values())
-
-        unsafe = any(group is None or group.noiommu for _, group in resolved.values())
-        if unsafe and backend is Backend.IOMMUFD:
-            raise NotSupported(
-                "no-IOMMU devices have no iommufd path in Linux; ask with backend=legacy"
+        the_plan = self._plan(policy, caller, request, targets, options)
+        refusal = the_plan.refusal or self._request_refusal(caller, the_plan, backend, options)
+        if refusal is not None:
+            _audit(
+                MESSAGE_DENIED,
+                f"denied {', '.join(addresses)} to uid {caller.uid}: {refusal.message}",
+                {
+                    "DEVICES": " ".join(str(t.device.address) for t in targets),
+                    "ERROR": refusal.dbus_name,
+                    **_caller_fields(caller, pid),
+                },
             )
+            raise refusal
+        rules = the_plan.rules
+        unsafe = any(g.group is None or g.group.noiommu for g in the_plan.groups)
 
         moved: list[PciAddress] = []
         try:
-            groups = self._prepare(resolved, decisions, options, moved)
+            self._bind_plan(the_plan, moved)
             lease = Lease(
                 id=secrets.token_hex(8),
                 caller=caller,
@@ -448,19 +485,13 @@ class Broker:
                 label=options.label,
                 backend=backend,
                 unsafe=unsafe,
-                groups=groups,
-                devices=tuple(resolved),
+                groups=self._leased_groups(the_plan),
+                devices=tuple(dict.fromkeys(t.device.address for t in targets)),
                 request=request,
-                rules=tuple(
-                    dict.fromkeys(d.rule.name for d in decisions.values() if d.rule is not None)
-                ),
+                rules=tuple(rule.name for rule in rules),
                 created=self.clock(),
-                restore=all(
-                    d.grants is None or d.grants.restore_driver for d in decisions.values()
-                ),
-                max_locked_memory=_smallest(
-                    d.grants.max_locked_memory for d in decisions.values() if d.grants
-                ),
+                restore=all(rule.grants.restore_driver for rule in rules),
+                max_locked_memory=_smallest(rule.grants.max_locked_memory for rule in rules),
                 moved=tuple(moved),
                 owner_pid=owner_pid,
             )
@@ -552,23 +583,6 @@ class Broker:
             f"{holder.caller.uid}, lease {holder.id}{state})"
         )
 
-    def _decide(
-        self,
-        policy: Policy,
-        caller: Caller,
-        device: PciDevice,
-        group: IommuGroup | None,
-        request: Request,
-    ) -> Decision:
-        return decide(
-            policy,
-            caller,
-            device,
-            request,
-            host_critical=self.critical().get(device.address, ()),
-            noiommu=group is None or group.noiommu,
-        )
-
     def _check_owner(self, caller: Caller, pidfd: int | None) -> int | None:
         if pidfd is None:
             return None
@@ -583,50 +597,52 @@ class Broker:
             )
         return process.pid
 
-    def _check_max_leases(self, caller: Caller, decisions: Iterable[Decision]) -> None:
-        for decision in decisions:
-            if decision.rule is None or decision.grants is None:
-                continue
-            limit = decision.grants.max_leases
+    def _check_max_leases(self, caller: Caller, the_plan: Plan) -> None:
+        for rule in the_plan.rules:
+            limit = rule.grants.max_leases
             if limit is None:
                 continue
             held = [
                 lease
                 for lease in self.leases.values()
-                if lease.caller.uid == caller.uid and decision.rule.name in lease.rules
+                if lease.caller.uid == caller.uid and rule.name in lease.rules
             ]
             if len(held) >= limit:
                 raise PermissionDenied(
                     f"uid {caller.uid} holds {len(held)} lease(s) under rule "
-                    f"{decision.rule.name!r} ({decision.rule.source}), which allows "
+                    f"{rule.name!r} ({rule.source}), which allows "
                     f"max-leases = {limit}: "
                     + ", ".join(f"{lease.id} ({lease.state.value})" for lease in held)
                     + "; release one first"
                 )
 
-    def _prepare(
-        self,
-        resolved: Mapping[PciAddress, tuple[PciDevice, IommuGroup | None]],
-        decisions: Mapping[PciAddress, Decision],
-        options: AcquireOptions,
-        moved: list[PciAddress],
-    ) -> tuple[IommuGroup, ...]:
-        """Bind what must move (recording it in ``moved`` as it goes) and return
-        the leased groups as they are now, each one viable."""
-        grants = [d.grants for d in decisions.values() if d.grants is not None]
-        groups_asked: dict[str, IommuGroup] = {}
-        for device, group in resolved.values():
-            if group is None:
-                self._bind_noiommu(device, options, grants, moved)
-            else:
-                groups_asked.setdefault(group.id, group)  # two devices, one group: bind once
-        for group in groups_asked.values():
-            self._bind_group(group, set(resolved), decisions, options, moved)
+    def _bind_plan(self, the_plan: Plan, moved: list[PciAddress]) -> None:
+        """Move what the plan says must move (recording it in ``moved`` as it
+        goes); a device without an IOMMU group needs the kernel's unsafe
+        no-IOMMU mode first (the plan has checked all three consents)."""
+        if not the_plan.moving:
+            return
+        if any(g.group is None for g in the_plan.groups):
+            sysfs = self.binder.sysfs
+            if not noiommu.enabled(sysfs):
+                log.warning("turning on the kernel's unsafe no-IOMMU mode")
+                try:
+                    noiommu.enable(sysfs)
+                except HostError as e:
+                    raise KernelError(e.errno or errno.EIO, str(e)) from e
+        self._bind_devices(the_plan.moving, allow_critical=the_plan.allow_critical, moved=moved)
+
+    def _leased_groups(self, the_plan: Plan) -> tuple[IommuGroup, ...]:
+        """The plan's groups as they are now that members moved, each viable."""
         inventory = self.host.inventory
         groups: dict[str, IommuGroup] = {}
-        for address in resolved:
-            group = inventory.group_of(address)
-            groups[group.id] = group
+        for group_plan in the_plan.groups:
+            for address in group_plan.requested:
+                try:
+                    group = inventory.group_of(address)
+                except HostError as e:  # it went away, or vfio-pci gave it no group
+                    raise KernelError(e.errno or errno.ENODEV, str(e)) from e
+                groups[group.id] = group
         for group in groups.values():
             if not group.viable:
                 raise NotViable(
@@ -636,92 +652,6 @@ class Broker:
                     "managed=true where policy allows it"
                 )
         return tuple(groups.values())
-
-    def _bind_noiommu(
-        self,
-        device: PciDevice,
-        options: AcquireOptions,
-        grants: Sequence[Grants],
-        moved: list[PciAddress],
-    ) -> None:
-        """A device without an IOMMU gets a no-IOMMU group once bound to
-        vfio-pci with the kernel's unsafe mode on (decide() has checked all
-        three consents)."""
-        refusal = self._binding_refusal(device, None, [device.address], grants, options)
-        if refusal is not None:
-            raise refusal
-        sysfs = self.binder.sysfs
-        if not noiommu.enabled(sysfs):
-            log.warning("turning on the kernel's unsafe no-IOMMU mode for %s", device.address)
-            try:
-                noiommu.enable(sysfs)
-            except HostError as e:
-                raise KernelError(e.errno or errno.EIO, str(e)) from e
-        self._bind_devices([device.address], allow_critical=(), moved=moved)
-
-    def _binding_refusal(
-        self,
-        device: PciDevice,
-        group: IommuGroup | None,
-        requested: Collection[PciAddress],
-        grants: Sequence[Grants],
-        options: AcquireOptions,
-    ) -> BrokerError | None:
-        """Why Acquire could not make ``device``'s group usable, or None:
-        the members that must move to vfio-pci need managed=true from the
-        caller, 'managed' from policy, and 'companions' for members not asked
-        for. (Host-critical members are refused when binding starts.)"""
-        if group is None:
-            moving = [device.address]
-            what = f"{device.address} has no IOMMU group"
-            fix = "bind it to vfio-pci in unsafe no-IOMMU mode"
-        else:
-            moving = [d.address for d in group.devices if needs_binding(d)]
-            what = f"IOMMU group {group.id} is not viable: " + "; ".join(
-                b.reason for b in group.blockers()
-            )
-            fix = "bind it to vfio-pci"
-        if not moving:
-            return None
-        if not options.managed:
-            return NotViable(f"{what}. Ask with managed=true to let vfiod {fix}")
-        if not any(g.managed for g in grants):
-            return PermissionDenied(
-                f"{what}, and policy does not let vfiod rebind it for you (no 'managed = "
-                "true' in the matching rule); bind it to vfio-pci yourself, or ask an admin"
-            )
-        companions = [a for a in moving if a not in requested]
-        if companions and not any(g.companions for g in grants):
-            return PermissionDenied(
-                f"IOMMU group {group.id if group else '-'} also holds "
-                + ", ".join(str(a) for a in companions)
-                + ", which would have to move to vfio-pci too, and policy does not allow "
-                "that ('companions = true' missing in the matching rule); name them in the "
-                "request, or ask an admin"
-            )
-        return None
-
-    def _bind_group(
-        self,
-        group: IommuGroup,
-        requested: Collection[PciAddress],
-        decisions: Mapping[PciAddress, Decision],
-        options: AcquireOptions,
-        moved: list[PciAddress],
-    ) -> None:
-        """Move group members to vfio-pci where needed and allowed."""
-        grants = [d.grants for d in decisions.values() if d.grants is not None]
-        refusal = self._binding_refusal(group.devices[0], group, requested, grants, options)
-        if refusal is not None:
-            raise refusal
-        moving = [d.address for d in group.devices if needs_binding(d)]
-        if not moving:
-            return
-        named: set[PciAddress] = set()
-        for decision in decisions.values():
-            if decision.allowed and decision.rule is not None:
-                named.update(decision.rule.exact_addresses)
-        self._bind_devices(moving, allow_critical=named, moved=moved)
 
     def _bind_devices(
         self,
@@ -777,7 +707,7 @@ class Broker:
 
     def _vfio_members(self, group: IommuGroup) -> list[PciDevice]:
         # Bridges and unbound members have no device fd.
-        return [d for d in group.devices if d.driver == "vfio-pci"]
+        return [d for d in group.devices if is_vfio_driver(d.driver)]
 
     def _open_legacy(self, lease: Lease, options: AcquireOptions, fds: dict[str, int]) -> None:
         container = Container.open(self.kernel, os.path.join(self.dev_vfio, "vfio"))
@@ -866,12 +796,16 @@ class Broker:
             raise InvalidArgument(
                 f"size ({size}) and offset ({offset}) must be positive multiples of {PAGE}"
             )
-        limit = lease.max_locked_memory
-        if limit is not None and lease.pinned + size > limit:
+        # vfiod pins with its own CAP_IPC_LOCK: nothing else bounds it, so a
+        # rule without max-locked-memory gets the daemon-wide dma-limit.
+        limit, where = lease.max_locked_memory, "the policy's max-locked-memory"
+        if limit is None:
+            limit, where = self.policy.current.settings.dma_limit, "vfiod.toml's dma-limit"
+        if lease.pinned + size > limit:
             raise PermissionDenied(
                 f"mapping {size} bytes would pin {lease.pinned + size} bytes for lease "
-                f"{lease.id}, more than the policy's max-locked-memory of {limit}; unmap "
-                "something first, or ask an admin for more"
+                f"{lease.id}, more than {where} of {limit}; unmap something first, or ask "
+                "an admin for more"
             )
         try:
             if iova is None:
@@ -916,7 +850,10 @@ class Broker:
 
     def release(self, lease_id: str, caller: Caller) -> None:
         lease = self._own_lease(lease_id, caller)
-        self.end(lease, "released by its owner", revoked=False)
+        if caller.uid == lease.caller.uid:
+            self.end(lease, "released by its owner", revoked=False)
+        else:  # root took it: the owner hears why (Revoked)
+            self.end(lease, f"released by uid {caller.uid}")
 
     def _lease(self, lease_id: str) -> Lease:
         lease = self.leases.get(lease_id)
@@ -1037,26 +974,31 @@ class Broker:
 
     def reload_policy(self) -> list[Lease]:
         """Read the policy files again (PolicyError keeps the old policy) and
-        end the leases the new policy no longer allows. Returns those."""
+        end the leases the new policy no longer allows: the plan of each
+        lease is made again, so a rule that now denies any device the lease
+        reaches, companions included, ends it. Returns those."""
         policy = self.policy.reload()
         revoked = []
         for lease in list(self.leases.values()):
             if lease.state is not LeaseState.ACTIVE:
                 continue
+            targets = []
             for address in lease.devices:
                 device = self.host.inventory.devices.get(address)
-                if device is None:
-                    continue
-                group = self.host.inventory.groups.get(device.group or "")
-                decision = self._decide(policy, lease.caller, device, group, lease.request)
-                if not decision.allowed:
-                    self.end(
-                        lease,
-                        f"the policy was reloaded and no longer allows {address}: "
-                        + " ".join(decision.reasons),
-                    )
-                    revoked.append(lease)
-                    break
+                if device is not None:
+                    group = self.host.inventory.groups.get(device.group or "")
+                    targets.append(Target(device, group))
+            # Its members are on vfio-pci already: nothing would move.
+            refusal = plan(
+                policy, lease.caller, lease.request, targets, managed=True, critical=self.critical()
+            ).refusal
+            if refusal is not None:
+                self.end(
+                    lease,
+                    "the policy was reloaded and no longer allows "
+                    f"{', '.join(str(d) for d in lease.devices)}: {refusal.message}",
+                )
+                revoked.append(lease)
         return revoked
 
     # -- restart

@@ -23,7 +23,7 @@ from sdbus.sd_bus_internals import SdBus
 
 from vfiod import notify, service_manager
 from vfiod.broker import Broker, FdStore, LeaseState
-from vfiod.bus.credentials import BusDriver, Callers
+from vfiod.bus.credentials import BusDriver, Callers, SystemdUnits
 from vfiod.bus.service import BusService
 from vfiod.host.binding import Binder, CriticalDevices, ModuleLoader, modprobe
 from vfiod.host.hwdb import HardwareDatabase
@@ -128,6 +128,8 @@ class Daemon:
             )
         for warning in policy.warnings:
             log.warning("policy: %s", warning)
+        # Under D-Bus activation without systemd nobody made /run/vfiod (tmpfiles).
+        os.makedirs(os.path.dirname(parts.state.path) or ".", mode=0o700, exist_ok=True)
         self._status("scanning PCI devices")
         binder = Binder(
             parts.sysfs, parts.state, load_module=parts.load_module, critical=parts.critical
@@ -154,7 +156,7 @@ class Daemon:
         broker = self.build()
         self.bus = self.parts.open_bus()
         driver = BusDriver.new_proxy("org.freedesktop.DBus", "/org/freedesktop/DBus", self.bus)
-        callers = Callers(driver, self.parts.proc)
+        callers = Callers(driver, SystemdUnits(self.bus), self.parts.proc)
         self.service = BusService(broker, self.bus, callers)
         self.service.export()
         self.tasks.append(asyncio.create_task(self._watch_names(driver, callers)))

@@ -51,6 +51,14 @@ ICH9_SMBUS = "0000:00:1f.3"
 SATA_DISK = "/dev/sda"  # a blank disk on ICH9_SATA; the root file system is 9p
 E1000E_IDS = (0x8086, 0x10D3)
 IGB_PF = "0000:02:00.0"  # igb (SR-IOV capable, QEMU >= 8) behind a PCIe root port
+# A multifunction slot of conventional PCI e1000s: functions without ACS
+# between them share a group. (Two e1000e in one slot got a group each on
+# Linux 6.1: PCIe functions may be isolated by quirks; conventional PCI is not.)
+MULTIFUNCTION = ("0000:00:13.0", "0000:00:13.1")
+# An igb behind a root port without ACS: the port, the PF and its VFs share
+# one group (as behind a switch without ACS).
+NOACS_PF = "0000:03:00.0"
+NOACS_VFS = ("0000:03:10.0", "0000:03:10.2")  # igb's VF offset 0x80, stride 2
 
 _DEVICES = (
     "e1000e,addr=10.0",
@@ -59,13 +67,18 @@ _DEVICES = (
     "e1000,bus=br0,addr=2.0",
     "pcie-root-port,id=rp0,addr=12.0,chassis=1",
     "igb,bus=rp0",
+    "e1000,addr=13.0,multifunction=on",
+    "e1000,addr=13.1,multifunction=on",
+    "pcie-root-port,id=rp1,addr=14.0,chassis=2,disable-acs=on",
+    "igb,bus=rp1",
 )
 
 IOMMU = Topology(
     "iommu",
     "q35 with an emulated Intel IOMMU: e1000e alone in its group, the ICH9 "
     "functions in one group, a pcie-pci-bridge with two e1000 in a three-member group, "
-    "an SR-IOV igb behind a root port",
+    "an SR-IOV igb behind a root port, a multifunction e1000 pair in one group, and "
+    "an SR-IOV igb behind a root port without ACS (port, PF and VFs in one group)",
     iommu=True,
     qemu_devices=_DEVICES,
 )
@@ -95,7 +108,11 @@ class Boot:
 GUEST_DIR = "tests/vm/guest"
 
 BOOTS = (
-    Boot(KernelKind.STOCK, IOMMU, ("test_legacy.py", "test_host.py", "test_broker.py")),
+    Boot(
+        KernelKind.STOCK,
+        IOMMU,
+        ("test_legacy.py", "test_host.py", "test_broker.py", "test_broker_trust.py"),
+    ),
     Boot(
         KernelKind.TEST,
         IOMMU,

@@ -1,19 +1,44 @@
-"""Who is calling: from the bus's own credentials, never from arguments."""
+"""Who is calling: from the bus's own credentials, never from arguments.
+
+The caller's uid and groups are what the bus saw when it connected. Its
+systemd unit and slices count only as far as systemd's system manager
+vouches for them: a cgroup path is text that whoever owns the cgroup names,
+and every user owns a delegated subtree (``user@UID.service``, any unit with
+``Delegate=yes``) where it may create ``dpdk-forwarder.service`` or
+``machine.slice/vm-1.scope`` and move itself in. So vfiod asks systemd for
+the unit of the caller's process (systemd answers with the delegating unit
+for anything inside a delegated subtree) and takes as slices only those
+the cgroup path passes through above that unit. Without a system manager
+on the bus nothing is vouched for: the caller has no unit and no slices.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import grp
+import logging
 import os
 import pwd
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from sdbus import DbusInterfaceCommonAsync, dbus_method_async, dbus_signal_async
+from sdbus import (
+    DbusInterfaceCommonAsync,
+    dbus_method_async,
+    dbus_property_async,
+    dbus_signal_async,
+)
+from sdbus.exceptions import SdBusBaseError
+from sdbus.sd_bus_internals import SdBus
 
 from vfiod.errors import PermissionDenied
-from vfiod.host.process import exited
+from vfiod.host.process import _real_uid, exited
 from vfiod.policy.model import Caller
+
+log = logging.getLogger(__name__)
+
+SYSTEMD = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
 
 
 class BusDriver(DbusInterfaceCommonAsync, interface_name="org.freedesktop.DBus"):
@@ -32,6 +57,49 @@ class BusDriver(DbusInterfaceCommonAsync, interface_name="org.freedesktop.DBus")
         raise NotImplementedError  # emitted by the bus
 
 
+class SystemdManager(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Manager"):
+    @dbus_method_async(input_signature="u", result_signature="o")
+    async def get_unit_by_pid(self, pid: int) -> str:
+        raise NotImplementedError  # answered by systemd
+
+
+class SystemdUnit(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Unit"):
+    @dbus_property_async("s")
+    def id(self) -> str:
+        raise NotImplementedError  # answered by systemd
+
+
+class UnitVouchers(Protocol):
+    """Who says which systemd unit a process runs in."""
+
+    async def unit_of(self, pid: int) -> str | None: ...
+
+
+class SystemdUnits:
+    """systemd's system manager, over the system bus: the unit it runs the
+    process in. For a process inside a delegated subtree that is the
+    delegating unit (systemd knows no units below a delegation)."""
+
+    def __init__(self, bus: SdBus) -> None:
+        self.bus = bus
+        self.manager = SystemdManager.new_proxy(SYSTEMD, SYSTEMD_PATH, bus)
+
+    async def unit_of(self, pid: int) -> str | None:
+        try:
+            path = await self.manager.get_unit_by_pid(pid)
+            return str(await SystemdUnit.new_proxy(SYSTEMD, path, self.bus).id.get_async())
+        except SdBusBaseError as e:  # no systemd on this bus, or the process is in no unit
+            log.debug("systemd vouches for no unit of pid %d: %s", pid, e)
+            return None
+
+
+class NoUnits:
+    """No service manager: nobody's unit is vouched for."""
+
+    async def unit_of(self, pid: int) -> str | None:
+        return None
+
+
 def _name(lookup: Callable[[int], Any], key: int) -> str | None:
     try:
         return str(lookup(key)[0])
@@ -39,34 +107,70 @@ def _name(lookup: Callable[[int], Any], key: int) -> str | None:
         return None
 
 
-def systemd_unit(pid: int, proc: str = "/proc") -> tuple[str | None, tuple[str, ...]]:
-    """The systemd unit and the slices a process runs in, from its cgroup."""
+def cgroup_path(pid: int, proc: str = "/proc") -> str | None:
+    """The process's cgroup v2 path, or None."""
     try:
         with open(os.path.join(proc, str(pid), "cgroup")) as f:
             lines = f.read().splitlines()
     except OSError:
-        return None, ()
-    path = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), "")
-    parts = [p for p in path.split("/") if p]
+        return None
+    return next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
+
+
+def systemd_unit(pid: int, proc: str = "/proc") -> tuple[str | None, tuple[str, ...]]:
+    """The unit and slices a process's cgroup path names. Only for vfiod's
+    own process: for anyone else the path is what they chose to call it."""
+    parts = [p for p in (cgroup_path(pid, proc) or "").split("/") if p]
     slices = tuple(p for p in parts if p.endswith(".slice"))
     units = [p for p in parts if p.endswith((".service", ".scope"))]
     return (units[-1] if units else None), slices
 
 
-def pinned_unit(pid: int, proc: str = "/proc") -> tuple[str | None, tuple[str, ...]]:
-    """The unit and slices of ``pid``, read while a pidfd pins that process
-    and only believed if it is still the same live process afterwards: a pid
-    reused by another process must not lend the caller its unit. A caller
-    whose process is gone (its connection handed on) gets no unit."""
+def slices_above(path: str, unit: str) -> tuple[str, ...] | None:
+    """The slices ``path`` passes through before it reaches ``unit``'s own
+    cgroup; None when the path does not pass through the unit at all (then
+    the unit and the path disagree and neither is believed)."""
+    parts = [p for p in path.split("/") if p]
+    if unit not in parts:
+        return None
+    above = parts[: parts.index(unit)]
+    if not all(p.endswith(".slice") for p in above):
+        return None
+    return tuple(above)
+
+
+def _believed(path: str, unit: str) -> tuple[str | None, tuple[str, ...]]:
+    """The unit and slices that systemd's answer ``unit`` and the process's
+    cgroup ``path`` agree on."""
+    if unit == "-.slice":  # the root cgroup: no unit, no slice
+        return None, ()
+    slices = slices_above(path, unit)
+    if slices is None:
+        log.warning("systemd says unit %s for cgroup %s; believing neither", unit, path)
+        return None, ()
+    if unit.endswith(".slice"):  # a process right in a slice runs in no unit
+        return None, (*slices, unit)
+    return unit, slices
+
+
+async def vouched_unit(
+    pid: int, uid: int, vouchers: UnitVouchers, proc: str = "/proc"
+) -> tuple[str | None, tuple[str, ...]]:
+    """The unit and slices of the caller's process ``pid``, as systemd vouches
+    for them, asked while a pidfd pins the process and believed only if that
+    process is still alive afterwards and runs as the connection's ``uid``: a
+    pid reused by someone else's process must not lend the caller its unit.
+    A caller whose process is gone (its connection handed on) gets none."""
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
         return None, ()
     try:
-        found = systemd_unit(pid, proc)
-        if exited(pidfd):
+        path = cgroup_path(pid, proc) if _real_uid(pid, proc) == uid else None
+        unit = await vouchers.unit_of(pid) if path is not None else None
+        if unit is None or path is None or exited(pidfd):
             return None, ()
-        return found
+        return _believed(path, unit)
     finally:
         os.close(pidfd)
 
@@ -77,14 +181,16 @@ class Credentials:
     pid: int | None  # at connection time; for audit, not for decisions
 
 
-def caller_from(credentials: dict[str, tuple[str, Any]], proc: str = "/proc") -> Credentials:
+async def caller_from(
+    credentials: dict[str, tuple[str, Any]], vouchers: UnitVouchers, proc: str = "/proc"
+) -> Credentials:
     """Credentials as GetConnectionCredentials returns them."""
     if "UnixUserID" not in credentials:
         raise PermissionDenied("the bus gave no uid for this connection; vfiod cannot decide")
     uid = int(credentials["UnixUserID"][1])
     gids = tuple(int(g) for g in credentials.get("UnixGroupIDs", ("au", []))[1])
     pid = int(credentials["ProcessID"][1]) if "ProcessID" in credentials else None
-    unit, slices = pinned_unit(pid, proc) if pid is not None else (None, ())
+    unit, slices = (None, ()) if pid is None else await vouched_unit(pid, uid, vouchers, proc)
     caller = Caller(
         uid=uid,
         user=_name(pwd.getpwuid, uid),
@@ -101,8 +207,9 @@ class Callers:
     when it connects, so each is asked for once and forgotten when the name
     goes away."""
 
-    def __init__(self, bus_driver: BusDriver, proc: str = "/proc") -> None:
+    def __init__(self, bus_driver: BusDriver, vouchers: UnitVouchers, proc: str = "/proc") -> None:
         self.bus_driver = bus_driver
+        self.vouchers = vouchers
         self.proc = proc
         self._known: dict[str, Credentials] = {}
 
@@ -112,7 +219,7 @@ class Callers:
         known = self._known.get(sender)
         if known is None:
             raw = await self.bus_driver.get_connection_credentials(sender)
-            known = caller_from(raw, self.proc)
+            known = await caller_from(raw, self.vouchers, self.proc)
             self._known[sender] = known
         return known
 

@@ -9,11 +9,12 @@ received or sent at the right moment.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 from sdbus import get_current_message, map_exception_to_dbus_error
@@ -129,6 +130,10 @@ class BusService:
         self.leases: dict[str, _Exported] = {}
         # Ended leases being freed, by id: Release and ReloadPolicy wait on these.
         self._settling: dict[str, asyncio.Task[None]] = {}
+        # Calls in progress on each lease, and freed leases whose objects wait
+        # for them: stopping an export cancels the calls on it unanswered.
+        self._lease_calls: collections.Counter[str] = collections.Counter()
+        self._unexport_after: dict[str, _Exported] = {}
         # The inventory whose set of groups self.groups last matched: the host
         # replaces its inventory whenever anything changes, so while it is
         # the same object no group came or went.
@@ -161,12 +166,14 @@ class BusService:
     def close(self) -> None:
         for task in self._settling.values():
             task.cancel()
-        for exported in [*self.leases.values(), *self.groups.values(), *self.devices.values()]:
+        exports = [*self._unexport_after.values(), *self.leases.values()]
+        for exported in [*exports, *self.groups.values(), *self.devices.values()]:
             if exported.handle is not None:
                 exported.handle.stop()
         self.devices.clear()
         self.groups.clear()
         self.leases.clear()
+        self._unexport_after.clear()
         if self._manager_handle is not None:
             self._manager_handle.stop()
             self._manager_handle = None
@@ -178,8 +185,28 @@ class BusService:
 
     def _unexport(self, exported: _Exported) -> None:
         self.bus.emit_object_removed(exported.path)
+        self._stop(exported)
+
+    @staticmethod
+    def _stop(exported: _Exported) -> None:
         if exported.handle is not None:
             exported.handle.stop()
+            exported.handle = None
+
+    @contextlib.contextmanager
+    def _calling(self, lease_id: str) -> Iterator[None]:
+        """A call on a lease is in progress: its object stays exported until
+        the call has replied, even if the lease is freed meanwhile."""
+        self._lease_calls[lease_id] += 1
+        try:
+            yield
+        finally:
+            self._lease_calls[lease_id] -= 1
+            if not self._lease_calls[lease_id]:
+                del self._lease_calls[lease_id]
+                waiting = self._unexport_after.pop(lease_id, None)
+                if waiting is not None:  # the reply goes out as this call returns
+                    asyncio.get_running_loop().call_soon(self._stop, waiting)
 
     @staticmethod
     def _update(exported: _Exported, view: Any) -> None:
@@ -330,7 +357,10 @@ class BusService:
                 task.add_done_callback(functools.partial(self._settled_done, lease.id))
         elif change is LeaseChange.FREED:
             exported = self.leases.pop(lease.id, None)
-            if exported is not None:
+            if exported is not None and self._lease_calls[lease.id]:
+                self.bus.emit_object_removed(exported.path)
+                self._unexport_after[lease.id] = exported
+            elif exported is not None:
                 self._unexport(exported)
         addresses = {d.address for g in lease.groups for d in g.devices} | set(lease.devices)
         self._sync(addresses, lease.group_ids)
@@ -369,10 +399,11 @@ class BusService:
         return path.removeprefix(LEASE_PREFIX)
 
     async def release(self, lease: str) -> None:
-        credentials = await self.callers.of(get_current_message().sender)
         lease_id = self._lease_id(lease)
-        self.broker.release(lease_id, credentials.caller)
-        await self._settled(lease_id)
+        with self._calling(lease_id):
+            credentials = await self.callers.of(get_current_message().sender)
+            self.broker.release(lease_id, credentials.caller)
+            await self._settled(lease_id)
 
     def _settled_done(self, lease_id: str, _task: asyncio.Task[None]) -> None:
         self._settling.pop(lease_id, None)
@@ -447,5 +478,6 @@ class BusService:
             os.close(memfd)  # the mapping keeps its own reference (mmap)
 
     async def unmap_dma(self, lease_id: str, iova: int, size: int) -> None:
-        credentials = await self.callers.of(get_current_message().sender)
-        self.broker.unmap_dma(lease_id, credentials.caller, iova, size)
+        with self._calling(lease_id):
+            credentials = await self.callers.of(get_current_message().sender)
+            self.broker.unmap_dma(lease_id, credentials.caller, iova, size)

@@ -17,7 +17,9 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -28,6 +30,8 @@ from vfiod.host.inventory import IommuGroup, PciDevice, is_dma_safe
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.pci import PciAddress
 from vfiod.state import BindingRecord, BindPhase, StateFile
+
+log = logging.getLogger(__name__)
 
 VFIO_PCI = "vfio-pci"
 
@@ -65,10 +69,23 @@ def _reprobe(sysfs: Sysfs, address: PciAddress) -> None:
         sysfs.write(sysfs.path("bus/pci/drivers_probe"), str(address))
 
 
+# Where modprobe is looked for: never the inherited PATH, which D-Bus
+# activation without systemd leaves empty (and which root must not trust).
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
 def modprobe(module: str) -> str:
     """Load a kernel module; return what modprobe said on failure, else ""."""
+    command = shutil.which("modprobe", path=SYSTEM_PATH)
+    if command is None:
+        return f"modprobe is not installed in {SYSTEM_PATH} (Debian: apt install kmod)"
     result = subprocess.run(
-        ["modprobe", module], capture_output=True, text=True, check=False, timeout=60
+        [command, module],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={"PATH": SYSTEM_PATH},
     )
     return "" if result.returncode == 0 else result.stderr.strip() or "nothing"
 
@@ -94,6 +111,25 @@ def needs_binding(device: PciDevice, driver: str = VFIO_PCI) -> bool:
     on a driver that claims DMA do: unbound members and bridges on pcieport
     keep the group viable where they are (vfio-pci would not take a bridge)."""
     return device.driver not in (None, driver) and not is_dma_safe(device.driver)
+
+
+def critical_refusal(
+    addresses: Iterable[PciAddress],
+    allow_critical: Collection[PciAddress],
+    critical: CriticalDevices,
+) -> str | None:
+    """Why moving ``addresses`` would take a device the host needs, or None."""
+    refused = [
+        f"{address} {'; and '.join(critical[address])}"
+        for address in addresses
+        if address in critical and address not in allow_critical
+    ]
+    if not refused:
+        return None
+    return (
+        f"host-critical: {'; '.join(refused)}. vfiod does not take a device the host needs "
+        "away from its driver unless a policy rule names it by address"
+    )
 
 
 class Binder:
@@ -123,19 +159,11 @@ class Binder:
         """Refuse, before anything changes, to move a device the host needs.
         ``critical``: a scan the caller made for this same operation (a scan
         reads every mount, swap, route and framebuffer: tens of ms)."""
-        if critical is None:
-            critical = self.critical()
-        refused = [
-            f"{address} {'; and '.join(critical[address])}"
-            for address in addresses
-            if address in critical and address not in allow_critical
-        ]
-        if refused:
-            raise HostError(
-                errno.EPERM,
-                f"host-critical: {'; '.join(refused)}. vfiod does not take a device the "
-                "host needs away from its driver unless a policy rule names it by address",
-            )
+        refusal = critical_refusal(
+            addresses, allow_critical, self.critical() if critical is None else critical
+        )
+        if refusal is not None:
+            raise HostError(errno.EPERM, refusal)
 
     def _maybe_die(self, point: FaultPoint) -> None:
         if self.fault is point:
@@ -158,6 +186,7 @@ class Binder:
         if original == driver:
             return None
         self.refuse_critical([address], allow_critical, critical)
+        self._refuse_enabled_vfs(address, device, original)
         ensure_driver(self.sysfs, driver, self.load_module)
         record = BindingRecord(
             address=str(address),
@@ -170,6 +199,9 @@ class Binder:
         try:
             self._move(address, device, original, driver)
         except HostError as e:
+            if not os.path.isdir(device):  # it went away meanwhile: nothing to undo
+                self.forget(address)
+                raise HostError(e.errno or errno.ENODEV, f"{e}; {address} is gone") from e
             # Undo at once rather than leave a half-done bind for repair().
             try:
                 self.restore(address)
@@ -183,6 +215,20 @@ class Binder:
         bound = dataclasses.replace(record, phase=BindPhase.BOUND)
         self.state.update(lambda s: s.with_binding(bound))
         return bound
+
+    def _refuse_enabled_vfs(self, address: PciAddress, device: str, original: str | None) -> None:
+        """Unbinding a PF destroys its VFs (and blocks on any a VMM holds)."""
+        try:
+            numvfs = int(self.sysfs.read(os.path.join(device, "sriov_numvfs")))
+        except (OSError, ValueError):
+            return  # not an SR-IOV PF
+        if numvfs > 0 and original is not None:
+            raise HostError(
+                errno.EBUSY,
+                f"{address} is an SR-IOV PF with {numvfs} enabled VF(s); unbinding it from "
+                f"{original} would destroy them. Disable them first (echo 0 > "
+                f"/sys/bus/pci/devices/{address}/sriov_numvfs)",
+            )
 
     def _move(self, address: PciAddress, device: str, original: str | None, driver: str) -> None:
         override = os.path.join(device, "driver_override")
@@ -235,6 +281,12 @@ class Binder:
                 )
                 if record is not None:
                     done.append(record)
+        except HostError as e:
+            try:
+                self.restore_all(PciAddress.parse(r.address) for r in reversed(done))
+            except HostError as undo:
+                raise HostError(e.errno or errno.EIO, f"{e}; putting back failed: {undo}") from e
+            raise
         except BaseException:
             self.restore_all(PciAddress.parse(r.address) for r in reversed(done))
             raise
@@ -294,9 +346,14 @@ class Binder:
             )
 
     def restore_all(self, addresses: Iterable[PciAddress]) -> None:
-        """Restore each; report every failure, not just the first."""
+        """Restore each; report every failure, not just the first. A device
+        that has gone away loses its record: nothing is left to restore."""
         errors: list[str] = []
         for address in addresses:
+            if not os.path.isdir(self.sysfs.device_path(address)):
+                log.warning("%s is gone from the host; nothing to give back", address)
+                self.forget(address)
+                continue
             try:
                 self.restore(address)
             except HostError as e:

@@ -64,6 +64,9 @@ class SriovCapability:
     offset: int = 1
     stride: int = 1
     vf_reset_methods: tuple[str, ...] = ("flr",)
+    # Behind ACS every VF is an IOMMU group of its own; without (a switch
+    # with no ACS) the VFs join their PF's group.
+    acs: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,6 +368,11 @@ class FakeSysfs(Sysfs):
         name = self._bound(address)
         if name is None:
             return
+        if self._devices[address].sriov is not None and self._vfs(address):
+            # The PF driver's remove() disables SR-IOV: its VFs go away.
+            for vf in reversed(self._vfs(address)):
+                self._remove(vf)
+            self._put(os.path.join(self._device_dir(address), "sriov_numvfs"), "0")
         os.unlink(os.path.join(self._device_dir(address), "driver"))
         os.unlink(self.path("bus/pci/drivers", name, str(address)))
         group = self._group(address)
@@ -546,7 +554,7 @@ class FakeSysfs(Sysfs):
             subsystem_device=parent.subsystem_device,
             pci_class=parent.pci_class,
             native_driver=sriov.vf_driver,
-            group=self._new_group_id(),  # behind ACS every VF is a group of its own
+            group=self._new_group_id() if sriov.acs else self._group(pf),
             parent=parent.parent,
             reset_methods=sriov.vf_reset_methods,
             physfn=pf,

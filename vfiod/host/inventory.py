@@ -57,11 +57,17 @@ def class_name(pci_class: int) -> str:
     return _CLASS_NAMES.get(pci_class >> 8, f"class {pci_class:06x}")
 
 
+def is_vfio_driver(driver: str | None) -> bool:
+    """Is ``driver`` vfio-pci or one of its variants, whose devices a group
+    fd can open?"""
+    return driver is not None and (
+        driver == "vfio-pci" or driver.endswith(("_vfio_pci", "-vfio-pci"))
+    )
+
+
 def is_dma_safe(driver: str | None) -> bool:
     """May a device stay on ``driver`` while its group is assigned?"""
-    return (
-        driver is None or driver in DMA_SAFE_DRIVERS or driver.endswith(("_vfio_pci", "-vfio-pci"))
-    )
+    return driver is None or driver in DMA_SAFE_DRIVERS or is_vfio_driver(driver)
 
 
 @dataclasses.dataclass(frozen=True)

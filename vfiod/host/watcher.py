@@ -133,8 +133,10 @@ class Host:
         devices = dict(self.inventory.devices)
         bound = str(event.address) in self.state.load().bindings
         if event.action is Action.REMOVE:
-            if devices.pop(event.address, None) is None:
+            removed = devices.pop(event.address, None)
+            if removed is None:
                 return None
+            self._reread_pf(devices, removed)
             change, device = HostChange.REMOVED, None
             if bound:
                 # The device can no longer be restored; its record is moot.
@@ -147,6 +149,7 @@ class Host:
                 return None
             old = devices.get(event.address)
             devices[event.address] = device
+            self._reread_pf(devices, device)
             if old is None:
                 change = HostChange.ADDED
             elif old.driver != device.driver or old.group != device.group:
@@ -159,13 +162,28 @@ class Host:
             listener(host_event)
         return host_event
 
+    def _reread_pf(self, devices: dict[PciAddress, PciDevice], vf: PciDevice) -> None:
+        """A VF came or went: its PF's list of VFs changed (no uevent says so)."""
+        if vf.physfn is None or vf.physfn not in devices:
+            return
+        try:
+            devices[vf.physfn] = read_device(self.sysfs, vf.physfn, self.hwdb)
+        except (HostError, OSError) as e:
+            log.warning("re-reading the PF %s of %s: %s", vf.physfn, vf.address, e)
+
     def refresh(self, addresses: Iterable[PciAddress]) -> None:
         """Re-read devices vfiod just changed, without waiting for their
         uevents (which come later and then change nothing)."""
         devices = dict(self.inventory.devices)
+        gone = []
         for address in addresses:
-            devices[address] = read_device(self.sysfs, address, self.hwdb)
+            if os.path.isdir(self.sysfs.device_path(address)):
+                devices[address] = read_device(self.sysfs, address, self.hwdb)
+            else:
+                gone.append(address)
         self.inventory = assemble(self.sysfs, devices)
+        for address in gone:  # as its uevent will say; listeners hear it now
+            self.apply(UEvent(Action.REMOVE, address, None))
 
     async def run(self, monitor: UEventMonitor) -> None:
         async for event in monitor.events():

@@ -188,6 +188,95 @@ def test_reload_rereads_the_policy_and_revokes(ns: SystemdNamespace) -> None:
     ns.systemctl("reload", "vfiod.service", timeout=120)
 
 
+UNIT_POLICY = f"""
+[[rule]]
+name = "dpdk-unit"
+effect = "allow"
+address = "{E1000E}"
+units = ["dpdk-forwarder.service"]
+managed = true
+
+[[rule]]
+name = "vms-in-machine-slice"
+effect = "allow"
+address = "{E1000E}"
+slices = ["machine.slice"]
+managed = true
+"""
+
+# As nobody in a unit systemd-run starts: ask, and give back what was granted.
+ASK_IN_UNIT = """\
+import json, os, sys
+from vfiod.client import Client, VfiodError
+spoof = sys.argv[2:]
+if spoof:  # make cgroups named like system units in our own delegated subtree, move in
+    mine = open("/proc/self/cgroup").read().split("::", 1)[1].strip()
+    path = "/sys/fs/cgroup" + mine
+    for name in spoof:
+        path += "/" + name
+        os.mkdir(path)
+    with open(path + "/cgroup.procs", "w") as f:
+        f.write(str(os.getpid()))
+cgroup = open("/proc/self/cgroup").read().split("::", 1)[1].strip()
+vfiod = Client()
+check = vfiod.check_access([sys.argv[1]], managed=True)[0]
+try:
+    lease = vfiod.acquire([sys.argv[1]], managed=True, label="unit-test")
+except VfiodError as e:
+    out = {"error": [e.kind, e.message]}
+else:
+    lease.close()
+    info = vfiod.inventory().leases[lease.path]
+    out = {"unit": info.unit}
+    vfiod.release(lease)
+out.update(cgroup=cgroup, allowed=check.allowed, reason=check.reason)
+print(json.dumps(out))
+"""
+
+
+def in_unit(ns: SystemdNamespace, run_options: list[str], *spoof: str) -> dict[str, object]:
+    """ASK_IN_UNIT as nobody in a transient unit of the namespace's systemd."""
+    argv = ["systemd-run", "--quiet", "--wait", "--pipe", "--uid=65534", "--gid=65534"]
+    argv += [*run_options, "--", sys.executable, "-c", ASK_IN_UNIT, E1000E, *spoof]
+    result = ns.run(argv, timeout=180)
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert isinstance(out, dict)
+    return out
+
+
+def test_units_and_slices_count_only_when_systemd_vouches(ns: SystemdNamespace, say: Say) -> None:
+    """A unit or slice name a caller made up in its own delegated cgroup
+    subtree never satisfies a rule; the unit systemd runs it in does."""
+    policy = ns.path("/etc/vfiod/policy.d/50-test.toml")
+    policy.write_text(UNIT_POLICY)
+    ns.systemctl("reload", "vfiod.service", timeout=120)
+    try:
+        delegated = ["-p", "Delegate=yes"]
+        spoofed_unit = in_unit(ns, delegated, "dpdk-forwarder.service")
+        say(f"[vfiod-systemd] spoofed unit: {spoofed_unit}")
+        assert str(spoofed_unit["cgroup"]).endswith("/dpdk-forwarder.service")
+        assert spoofed_unit["allowed"] is False
+        assert spoofed_unit["error"][0] == "PermissionDenied"  # type: ignore[index]
+        spoofed_slice = in_unit(ns, delegated, "machine.slice", "vm-1.scope")
+        assert str(spoofed_slice["cgroup"]).endswith("/machine.slice/vm-1.scope")
+        assert spoofed_slice["allowed"] is False
+        assert spoofed_slice["error"][0] == "PermissionDenied"  # type: ignore[index]
+        assert driver(E1000E) == "e1000e"
+
+        genuine_unit = in_unit(ns, ["--unit=dpdk-forwarder.service"])
+        say(f"[vfiod-systemd] genuine unit: {genuine_unit}")
+        assert genuine_unit["allowed"] is True, genuine_unit
+        assert genuine_unit["unit"] == "dpdk-forwarder.service"
+        genuine_slice = in_unit(ns, ["--slice=machine.slice", "--unit=vm-1.service"])
+        assert genuine_slice["cgroup"] == "/machine.slice/vm-1.service"
+        assert genuine_slice["allowed"] is True, genuine_slice
+        assert genuine_slice["unit"] == "vm-1.service"
+        ns.wait_for("e1000e back on its driver", lambda: driver(E1000E) == "e1000e" or None, 60)
+    finally:
+        policy.write_text(POLICY)
+        ns.systemctl("reload", "vfiod.service", timeout=120)
+
+
 def test_stop_gives_devices_back(ns: SystemdNamespace) -> None:
     code = """\
 child = subprocess.Popen(["sleep", "3600"], start_new_session=True,

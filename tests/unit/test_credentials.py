@@ -1,0 +1,155 @@
+"""The caller's unit and slices count only as far as systemd vouches for them:
+a cgroup path is text the owner of a delegated subtree writes itself."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vfiod.bus.credentials import NoUnits, slices_above, vouched_unit
+
+SPOOFED_UNIT = "/user.slice/user-65534.slice/user@65534.service/app.slice/dpdk-forwarder.service"
+SPOOFED_SLICE = "/user.slice/user-65534.slice/user@65534.service/machine.slice/vm-1.scope"
+GENUINE = "/system.slice/dpdk-forwarder.service"
+MACHINE = "/machine.slice/machine-qemu\\x2d1\\x2dvm.scope"
+
+
+class Vouchers:
+    """What a system manager would answer for a pid, and what it did meanwhile."""
+
+    def __init__(self, unit: str | None, meanwhile: object = None) -> None:
+        self.unit = unit
+        self.asked: list[int] = []
+        self.meanwhile = meanwhile
+
+    async def unit_of(self, pid: int) -> str | None:
+        self.asked.append(pid)
+        if callable(self.meanwhile):
+            self.meanwhile()
+        return self.unit
+
+
+@pytest.fixture
+def child() -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(["sleep", "60"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def fake_proc(root: Path, pid: int, cgroup: str, uid: int = 65534) -> str:
+    (root / str(pid)).mkdir(parents=True)
+    (root / str(pid) / "cgroup").write_text(f"0::{cgroup}\n")
+    (root / str(pid) / "status").write_text(f"Name:\tsleep\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    return str(root)
+
+
+def unit(pid: int, uid: int, vouchers: object, proc: str) -> tuple[str | None, tuple[str, ...]]:
+    return asyncio.run(vouched_unit(pid, uid, vouchers, proc))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("path", "vouched", "expected"),
+    [
+        pytest.param(
+            SPOOFED_UNIT,
+            "user@65534.service",
+            ("user@65534.service", ("user.slice", "user-65534.slice")),
+            id="unit-made-in-a-user-subtree",
+        ),
+        pytest.param(
+            SPOOFED_SLICE,
+            "user@65534.service",
+            ("user@65534.service", ("user.slice", "user-65534.slice")),
+            id="machine-slice-made-in-a-user-subtree",
+        ),
+        pytest.param(
+            GENUINE, "dpdk-forwarder.service", ("dpdk-forwarder.service", ("system.slice",))
+        ),
+        pytest.param(
+            MACHINE,
+            "machine-qemu\\x2d1\\x2dvm.scope",
+            ("machine-qemu\\x2d1\\x2dvm.scope", ("machine.slice",)),
+            id="libvirt-vm-scope",
+        ),
+        pytest.param(
+            "/system.slice/container.service/payload/dpdk-forwarder.service",
+            "container.service",
+            ("container.service", ("system.slice",)),
+            id="delegate-yes-unit",
+        ),
+        pytest.param("/", "-.slice", (None, ()), id="root-cgroup"),
+        pytest.param(
+            "/machine.slice", "machine.slice", (None, ("machine.slice",)), id="in-a-slice"
+        ),
+        pytest.param(GENUINE, "other.service", (None, ()), id="systemd-and-path-disagree"),
+        pytest.param(SPOOFED_UNIT, None, (None, ()), id="no-system-manager"),
+    ],
+)
+def test_only_what_systemd_vouches_for_counts(
+    tmp_path: Path,
+    child: subprocess.Popen[bytes],
+    path: str,
+    vouched: str | None,
+    expected: tuple[str | None, tuple[str, ...]],
+) -> None:
+    proc = fake_proc(tmp_path, child.pid, path)
+    vouchers = Vouchers(vouched)
+    assert unit(child.pid, 65534, vouchers, proc) == expected
+    assert vouchers.asked == [child.pid]
+
+
+def test_without_a_service_manager_nobody_has_a_unit(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    proc = fake_proc(tmp_path, child.pid, GENUINE)
+    assert unit(child.pid, 65534, NoUnits(), proc) == (None, ())
+
+
+def test_a_process_of_another_uid_lends_no_unit(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    """The connection's pid now names a process of someone else (a reused pid)."""
+    proc = fake_proc(tmp_path, child.pid, GENUINE, uid=0)
+    vouchers = Vouchers("dpdk-forwarder.service")
+    assert unit(child.pid, 65534, vouchers, proc) == (None, ())
+    assert vouchers.asked == []
+
+
+def test_a_process_that_exits_while_systemd_is_asked_lends_no_unit(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    """Once it has exited its pid may name another process: the answer may be
+    about that one."""
+    proc = fake_proc(tmp_path, child.pid, GENUINE)
+
+    def exit_now() -> None:
+        child.kill()
+        child.wait()
+
+    assert unit(child.pid, 65534, Vouchers("dpdk-forwarder.service", exit_now), proc) == (None, ())
+
+
+def test_a_gone_process_has_no_unit(tmp_path: Path) -> None:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    proc = fake_proc(tmp_path, process.pid, GENUINE)
+    assert unit(process.pid, 65534, Vouchers("dpdk-forwarder.service"), proc) == (None, ())
+
+
+@pytest.mark.parametrize(
+    ("path", "unit_name", "expected"),
+    [
+        ("/system.slice/a.service", "a.service", ("system.slice",)),
+        ("/a.slice/a-b.slice/x.scope/sub", "x.scope", ("a.slice", "a-b.slice")),
+        ("/system.slice/a.service", "b.service", None),
+        ("/user.slice/evil/a.service", "a.service", None),  # a non-slice above the unit
+        ("", "a.service", None),
+    ],
+)
+def test_slices_above_a_unit(path: str, unit_name: str, expected: tuple[str, ...] | None) -> None:
+    assert slices_above(path, unit_name) == expected
