@@ -4,13 +4,15 @@ a cgroup path is text the owner of a delegated subtree writes itself."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from vfiod.bus.credentials import NoUnits, slices_above, vouched_unit
+from vfiod.bus.credentials import NoUnits, caller_from, slices_above, vouched_unit
+from vfiod.errors import PermissionDenied
 
 SPOOFED_UNIT = "/user.slice/user-65534.slice/user@65534.service/app.slice/dpdk-forwarder.service"
 SPOOFED_SLICE = "/user.slice/user-65534.slice/user@65534.service/machine.slice/vm-1.scope"
@@ -153,3 +155,27 @@ def test_a_gone_process_has_no_unit(tmp_path: Path) -> None:
 )
 def test_slices_above_a_unit(path: str, unit_name: str, expected: tuple[str, ...] | None) -> None:
     assert slices_above(path, unit_name) == expected
+
+
+def test_a_pidfd_from_the_bus_is_used_and_closed(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    proc = fake_proc(tmp_path, child.pid, GENUINE)
+    pidfd = os.pidfd_open(child.pid)
+    credentials = {
+        "UnixUserID": ("u", 65534),
+        "ProcessID": ("u", child.pid),
+        "ProcessFD": ("h", pidfd),
+    }
+    found = asyncio.run(caller_from(credentials, Vouchers("dpdk-forwarder.service"), proc))
+    assert (found.caller.unit, found.caller.slices) == ("dpdk-forwarder.service", ("system.slice",))
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(pidfd)
+
+
+def test_a_pidfd_from_the_bus_is_closed_when_the_caller_is_refused() -> None:
+    pidfd = os.pidfd_open(os.getpid())
+    with pytest.raises(PermissionDenied):
+        asyncio.run(caller_from({"ProcessFD": ("h", pidfd)}, NoUnits()))
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(pidfd)

@@ -154,25 +154,35 @@ def _believed(path: str, unit: str) -> tuple[str | None, tuple[str, ...]]:
 
 
 async def vouched_unit(
-    pid: int, uid: int, vouchers: UnitVouchers, proc: str = "/proc"
+    pid: int, uid: int, vouchers: UnitVouchers, proc: str = "/proc", pidfd: int | None = None
 ) -> tuple[str | None, tuple[str, ...]]:
     """The unit and slices of the caller's process ``pid``, as systemd vouches
     for them, asked while a pidfd pins the process and believed only if that
     process is still alive afterwards and runs as the connection's ``uid``: a
     pid reused by someone else's process must not lend the caller its unit.
-    A caller whose process is gone (its connection handed on) gets none."""
+    A caller whose process is gone (its connection handed on) gets none.
+    ``pidfd``: the bus's own pidfd of that process, if it gave one (no
+    reused pid can fool it); borrowed."""
+    if pidfd is not None:
+        return await _vouched(pid, uid, vouchers, proc, pidfd)
     try:
-        pidfd = os.pidfd_open(pid)
+        pinned = os.pidfd_open(pid)
     except OSError:
         return None, ()
     try:
-        path = cgroup_path(pid, proc) if _real_uid(pid, proc) == uid else None
-        unit = await vouchers.unit_of(pid) if path is not None else None
-        if unit is None or path is None or exited(pidfd):
-            return None, ()
-        return _believed(path, unit)
+        return await _vouched(pid, uid, vouchers, proc, pinned)
     finally:
-        os.close(pidfd)
+        os.close(pinned)
+
+
+async def _vouched(
+    pid: int, uid: int, vouchers: UnitVouchers, proc: str, pidfd: int
+) -> tuple[str | None, tuple[str, ...]]:
+    path = cgroup_path(pid, proc) if _real_uid(pid, proc) == uid else None
+    unit = await vouchers.unit_of(pid) if path is not None else None
+    if unit is None or path is None or exited(pidfd):
+        return None, ()
+    return _believed(path, unit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,13 +194,21 @@ class Credentials:
 async def caller_from(
     credentials: dict[str, tuple[str, Any]], vouchers: UnitVouchers, proc: str = "/proc"
 ) -> Credentials:
-    """Credentials as GetConnectionCredentials returns them."""
-    if "UnixUserID" not in credentials:
-        raise PermissionDenied("the bus gave no uid for this connection; vfiod cannot decide")
-    uid = int(credentials["UnixUserID"][1])
-    gids = tuple(int(g) for g in credentials.get("UnixGroupIDs", ("au", []))[1])
-    pid = int(credentials["ProcessID"][1]) if "ProcessID" in credentials else None
-    unit, slices = (None, ()) if pid is None else await vouched_unit(pid, uid, vouchers, proc)
+    """Credentials as GetConnectionCredentials returns them. Newer buses
+    (dbus-daemon 1.15.x, dbus-broker) add ProcessFD, a pidfd: ours to close."""
+    pidfd = int(credentials["ProcessFD"][1]) if "ProcessFD" in credentials else None
+    try:
+        if "UnixUserID" not in credentials:
+            raise PermissionDenied("the bus gave no uid for this connection; vfiod cannot decide")
+        uid = int(credentials["UnixUserID"][1])
+        gids = tuple(int(g) for g in credentials.get("UnixGroupIDs", ("au", []))[1])
+        pid = int(credentials["ProcessID"][1]) if "ProcessID" in credentials else None
+        unit, slices = (
+            (None, ()) if pid is None else await vouched_unit(pid, uid, vouchers, proc, pidfd)
+        )
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     caller = Caller(
         uid=uid,
         user=_name(pwd.getpwuid, uid),

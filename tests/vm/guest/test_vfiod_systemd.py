@@ -234,10 +234,29 @@ print(json.dumps(out))
 """
 
 
-def in_unit(ns: SystemdNamespace, run_options: list[str], *spoof: str) -> dict[str, object]:
+# The unit's main process starts as root, hands its delegated cgroup to nobody
+# as systemd does for a delegate with User= (with -p Delegate=yes), and
+# becomes nobody. (systemd itself cannot exec this checkout's interpreter as
+# nobody where it lives under a home folder only root may search.)
+IN_UNIT_AS_NOBODY = """\
+cgroup=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)
+if [ "$DELEGATE" = yes ]; then
+    chown 65534:65534 "$cgroup" "$cgroup/cgroup.procs" "$cgroup/cgroup.subtree_control" \\
+        "$cgroup/cgroup.threads"
+fi
+exec setpriv --reuid=65534 --regid=65534 --clear-groups -- "$@"
+"""
+
+
+def in_unit(
+    ns: SystemdNamespace, run_options: list[str], *spoof: str, delegate: bool = False
+) -> dict[str, object]:
     """ASK_IN_UNIT as nobody in a transient unit of the namespace's systemd."""
-    argv = ["systemd-run", "--quiet", "--wait", "--pipe", "--uid=65534", "--gid=65534"]
-    argv += [*run_options, "--", sys.executable, "-c", ASK_IN_UNIT, E1000E, *spoof]
+    argv = ["systemd-run", "--quiet", "--wait", "--pipe", *run_options]
+    if delegate:
+        argv += ["-p", "Delegate=yes", "--setenv=DELEGATE=yes"]
+    argv += ["--", "/bin/sh", "-c", IN_UNIT_AS_NOBODY, "in-unit"]
+    argv += [sys.executable, "-c", ASK_IN_UNIT, E1000E, *spoof]
     result = ns.run(argv, timeout=180)
     out = json.loads(result.stdout.splitlines()[-1])
     assert isinstance(out, dict)
@@ -251,13 +270,12 @@ def test_units_and_slices_count_only_when_systemd_vouches(ns: SystemdNamespace, 
     policy.write_text(UNIT_POLICY)
     ns.systemctl("reload", "vfiod.service", timeout=120)
     try:
-        delegated = ["-p", "Delegate=yes"]
-        spoofed_unit = in_unit(ns, delegated, "dpdk-forwarder.service")
+        spoofed_unit = in_unit(ns, [], "dpdk-forwarder.service", delegate=True)
         say(f"[vfiod-systemd] spoofed unit: {spoofed_unit}")
         assert str(spoofed_unit["cgroup"]).endswith("/dpdk-forwarder.service")
         assert spoofed_unit["allowed"] is False
         assert spoofed_unit["error"][0] == "PermissionDenied"  # type: ignore[index]
-        spoofed_slice = in_unit(ns, delegated, "machine.slice", "vm-1.scope")
+        spoofed_slice = in_unit(ns, [], "machine.slice", "vm-1.scope", delegate=True)
         assert str(spoofed_slice["cgroup"]).endswith("/machine.slice/vm-1.scope")
         assert spoofed_slice["allowed"] is False
         assert spoofed_slice["error"][0] == "PermissionDenied"  # type: ignore[index]
