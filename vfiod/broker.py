@@ -20,12 +20,14 @@ import dataclasses
 import enum
 import errno
 import functools
+import grp
 import logging
 import os
+import pwd
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from vfiod.errors import (
     BrokerError,
@@ -205,6 +207,8 @@ class Lease:
                 else None
             ),
             mappings=tuple(sorted((m.iova, m.size) for m in self.mappings.values())),
+            gids=self.caller.gids,
+            slices=self.caller.slices,
         )
 
     def held_fds(self) -> dict[str, int]:
@@ -1100,7 +1104,15 @@ class Broker:
             self.host.inventory.groups.get(gid) or IommuGroup(gid, False, ())
             for gid in record.groups
         )
-        caller = Caller(uid=record.uid, user=None, gids=(), groups=(), unit=record.unit, slices=())
+        # The caller as it was: a reload decides again for it (names by uid, as the bus does).
+        caller = Caller(
+            uid=record.uid,
+            user=_name(pwd.getpwuid, record.uid),
+            gids=record.gids,
+            groups=tuple(n for n in (_name(grp.getgrgid, g) for g in record.gids) if n),
+            unit=record.unit,
+            slices=record.slices,
+        )
         return Lease(
             id=record.id,
             caller=caller,
@@ -1163,6 +1175,13 @@ def _appearing(open_node: Callable[[], T], timeout: float = NODE_TIMEOUT) -> T:
             if e.errno != errno.ENOENT or time.monotonic() > deadline:
                 raise
         time.sleep(0.01)
+
+
+def _name(lookup: Callable[[int], Any], key: int) -> str | None:
+    try:
+        return str(lookup(key)[0])
+    except KeyError:
+        return None
 
 
 def _smallest(values: Iterable[int | None]) -> int | None:

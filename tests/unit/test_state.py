@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -60,25 +61,56 @@ def test_failed_save_keeps_the_old_state(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("{not json", "not JSON"),
-        ('{"version": 99}', "not a vfiod state file of format 1"),
-        ("[]", "not a vfiod state file of format 1"),
+        ("{not json", "is not JSON"),
+        ('{"version": 99}', "its version is 99, this vfiod reads 1"),
+        ("[]", "its top level is a list of 0 item(s), not an object"),
         (
-            '{"version": 1, "bindings": {"0000:00:10.0": {"driver": "vfio-pci"}}}',
-            "binding '0000:00:10.0' is malformed",
+            '{"version": 1, "bindings": {"0000:00:10.0": {"driver": "vfio-pci"}}, "leases": {}}',
+            "binding '0000:00:10.0' dropped: its field 'original_driver' is missing",
         ),
         (
             '{"version": 1, "bindings": {"0000:00:10.0": {"driver": "vfio-pci", '
-            '"original_driver": "e1000e", "original_override": null, "phase": "odd"}}}',
-            "binding '0000:00:10.0' is malformed",
+            '"original_driver": "e1000e", "original_override": null, "phase": "odd"}}, '
+            '"leases": {}}',
+            "binding '0000:00:10.0' dropped: phase is 'odd', expected one of binding, bound, "
+            "restore-failed",
         ),
     ],
 )
-def test_bad_state_file_is_a_clear_error(tmp_path: Path, content: str, message: str) -> None:
+def test_bad_state_file_is_set_aside_with_a_clear_problem(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    """A damaged file does not stop vfiod: what was wrong is said, the file
+    is kept aside, and vfiod starts from what was intact (here: nothing).
+    tests/unit/test_state_corrupt.py has the whole table."""
     path = tmp_path / "state.json"
     path.write_text(content)
+    store = StateFile(str(path))
+    assert store.load() == State()
+    assert any(message in problem for problem in store.problems), store.problems
+    assert store.moved_aside is not None
+    assert Path(store.moved_aside).read_text() == content
+    assert json.loads(path.read_text()) == {"version": 1, "bindings": {}, "leases": {}}
+
+
+def test_unreadable_state_file_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error that says nothing about the content stops vfiod, leaving the
+    file alone: starting as if it said nothing would overwrite its records."""
+    path = tmp_path / "state.json"
+    StateFile(str(path)).save(State().with_binding(RECORD))
+    before = path.read_bytes()
+    real_open = os.open
+
+    def failing_open(name: str, flags: int, *args: int, **kwargs: int) -> int:
+        if name == str(path):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), name)
+        return real_open(name, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing_open)
     with pytest.raises(StateError) as error:
         StateFile(str(path)).load()
-    assert message in str(error.value)
-    assert "move it aside" in str(error.value)
+    monkeypatch.undo()
+    assert error.value.errno == errno.EIO
     assert str(path) in str(error.value)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["state.json"]

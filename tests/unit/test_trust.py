@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,13 +25,24 @@ from tests.fakehost import (
     NIC,
     SRIOV_GROUP,
 )
-from tests.unit.test_broker import ALICE, BOB, ROOT, World, close_all, make_world
+from tests.unit.test_broker import (
+    ALICE,
+    BOB,
+    ROOT,
+    FakeFdStore,
+    World,
+    close_all,
+    die,
+    make_world,
+    restarted,
+)
 from vfiod.broker import MESSAGE_DENIED, MESSAGE_REVOKED, AcquireOptions
 from vfiod.errors import BrokerError, InvalidArgument, KernelError, PermissionDenied
 from vfiod.host.fake import FakeSysfs
 from vfiod.host.sysfs import HostError
 from vfiod.host.watcher import Action, UEvent
 from vfiod.pci import PciAddress
+from vfiod.policy.model import Caller
 
 POLICY = f"""
 [[rule]]
@@ -293,7 +305,9 @@ def test_brokered_dma_without_a_rule_limit_is_capped_by_dma_limit(tmp_path: Path
     try:
         os.ftruncate(memfd, 8 << 20)
         assert grant.lease.max_locked_memory is None
-        with pytest.raises(PermissionDenied, match="more than vfiod.toml's dma-limit of 4194304"):
+        with pytest.raises(
+            PermissionDenied, match=re.escape("more than vfiod.toml's dma-limit of 4194304")
+        ):
             w.broker.map_dma(grant.lease.id, ALICE, memfd, 0, 8 << 20, 0)
         assert w.broker.map_dma(grant.lease.id, ALICE, memfd, 0, 4 << 20, 0) == 0
         with pytest.raises(PermissionDenied, match="dma-limit"):
@@ -302,3 +316,36 @@ def test_brokered_dma_without_a_rule_limit_is_capped_by_dma_limit(tmp_path: Path
         os.close(memfd)
         close_all(grant.fds)
         w.broker.shutdown()
+
+
+NOBODY = Caller(
+    uid=65534,
+    user="nobody",
+    gids=(65534,),
+    groups=("nogroup",),
+    unit="vm-1.service",
+    slices=("machine.slice",),
+)
+
+
+def test_a_lease_adopted_after_a_restart_keeps_its_callers_names(tmp_path: Path) -> None:
+    """A reload decides again for the caller of a lease made before a
+    restart: by user, group or slice, as it did then."""
+    policy = f'[[rule]]\nname = "nobody-nic"\neffect = "allow"\naddress = "{NIC}"\n'
+    policy += 'users = ["nobody"]\ngroups = ["nogroup"]\nslices = ["machine.slice"]\n'
+    policy += "managed = true\n"
+    w = make_world(tmp_path, "small", policy)
+    store = FakeFdStore()
+    w.broker.fd_store = store
+    try:
+        grant = w.acquire(NOBODY)
+        close_all(grant.fds)
+        die(w.broker)
+        again = restarted(w, store)
+        (lease,) = again.recover(store.passed())
+        assert lease.caller == NOBODY
+        assert again.reload_policy() == []
+        again.release(lease.id, NOBODY)
+        assert w.host.sysfs.driver(NIC) == "e1000e"
+    finally:
+        store.close()
