@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 from sdbus.sd_bus_internals import SdBus
 
 from vfiod import notify
-from vfiod.bus.credentials import systemd_unit
+from vfiod.bus.credentials import SYSTEMD, systemd_property
 
 log = logging.getLogger(__name__)
 
-SYSTEMD = "org.freedesktop.systemd1"
 RESTART_JOBS = frozenset({"restart", "try-restart", "reload-or-restart", "reload-or-try-restart"})
 
 
@@ -35,19 +33,23 @@ class SystemdFdStore:
         notify.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
 
 
-async def _property(bus: SdBus, path: str, interface: str, name: str) -> Any:
-    message = bus.new_method_call_message(SYSTEMD, path, "org.freedesktop.DBus.Properties", "Get")
-    message.append_data("ss", interface, name)
-    reply = await bus.call_async(message)
-    _signature, value = reply.get_contents()
-    return value
+def own_unit(proc: str = "/proc") -> str | None:
+    """vfiod's own unit, from its own cgroup path (which nobody else names)."""
+    try:
+        with open(os.path.join(proc, "self/cgroup")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    path = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), "")
+    units = [p for p in path.split("/") if p.endswith((".service", ".scope"))]
+    return units[-1] if units else None
 
 
 async def pending_job(bus: SdBus, unit: str | None = None) -> str | None:
     """The type of the job systemd runs on our unit now ("restart", "stop",
     ...), or None (no job, no systemd, or no unit of ours)."""
     if unit is None:
-        unit, _ = systemd_unit(os.getpid())
+        unit = own_unit()
     if unit is None or not os.environ.get("NOTIFY_SOCKET"):
         return None
     try:
@@ -56,10 +58,10 @@ async def pending_job(bus: SdBus, unit: str | None = None) -> str | None:
         )
         message.append_data("s", unit)
         unit_path = str((await bus.call_async(message)).get_contents())
-        _job_id, job_path = await _property(bus, unit_path, f"{SYSTEMD}.Unit", "Job")
+        _job_id, job_path = await systemd_property(bus, unit_path, f"{SYSTEMD}.Unit", "Job")
         if job_path == "/":
             return None
-        return str(await _property(bus, job_path, f"{SYSTEMD}.Job", "JobType"))
+        return str(await systemd_property(bus, job_path, f"{SYSTEMD}.Job", "JobType"))
     except Exception as e:
         log.warning("cannot ask systemd why vfiod is stopping (%s); ending leases", e)
         return None

@@ -7,9 +7,9 @@ and every user owns a delegated subtree (``user@UID.service``, any unit with
 ``Delegate=yes``) where it may create ``dpdk-forwarder.service`` or
 ``machine.slice/vm-1.scope`` and move itself in. So vfiod asks systemd for
 the unit of the caller's process (systemd answers with the delegating unit
-for anything inside a delegated subtree) and takes as slices only those
-the cgroup path passes through above that unit. Without a system manager
-on the bus nothing is vouched for: the caller has no unit and no slices.
+for anything inside a delegated subtree) and for the slice that unit runs
+in; the cgroup path itself is never read. Without a system manager on the
+bus nothing is vouched for: the caller has no unit and no slices.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from typing import Any, Protocol
 from sdbus import (
     DbusInterfaceCommonAsync,
     dbus_method_async,
-    dbus_property_async,
     dbus_signal_async,
 )
 from sdbus.exceptions import SdBusBaseError
@@ -63,41 +62,78 @@ class SystemdManager(DbusInterfaceCommonAsync, interface_name="org.freedesktop.s
         raise NotImplementedError  # answered by systemd
 
 
-class SystemdUnit(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Unit"):
-    @dbus_property_async("s")
-    def id(self) -> str:
-        raise NotImplementedError  # answered by systemd
+@dataclasses.dataclass(frozen=True)
+class VouchedUnit:
+    unit: str  # its Id, e.g. "dpdk-forwarder.service"
+    slice: str  # the slice it runs in ("" where systemd says none)
 
 
 class UnitVouchers(Protocol):
     """Who says which systemd unit a process runs in."""
 
-    async def unit_of(self, pid: int) -> str | None: ...
+    async def unit_of(self, pid: int) -> VouchedUnit | None: ...
+
+
+# The unit types that run in a slice, and the interface with their Slice property.
+_SLICED = {
+    ".service": "Service",
+    ".scope": "Scope",
+    ".slice": "Slice",
+    ".socket": "Socket",
+    ".mount": "Mount",
+    ".swap": "Swap",
+}
+
+
+async def systemd_property(bus: SdBus, path: str, interface: str, name: str) -> Any:
+    """One property of one of systemd's objects."""
+    message = bus.new_method_call_message(SYSTEMD, path, "org.freedesktop.DBus.Properties", "Get")
+    message.append_data("ss", interface, name)
+    reply = await bus.call_async(message)
+    _signature, value = reply.get_contents()
+    return value
 
 
 class SystemdUnits:
     """systemd's system manager, over the system bus: the unit it runs the
-    process in. For a process inside a delegated subtree that is the
-    delegating unit (systemd knows no units below a delegation)."""
+    process in, and that unit's slice. For a process inside a delegated
+    subtree the unit is the delegating one (systemd knows no units below a
+    delegation)."""
 
     def __init__(self, bus: SdBus) -> None:
         self.bus = bus
         self.manager = SystemdManager.new_proxy(SYSTEMD, SYSTEMD_PATH, bus)
 
-    async def unit_of(self, pid: int) -> str | None:
+    async def unit_of(self, pid: int) -> VouchedUnit | None:
         try:
             path = await self.manager.get_unit_by_pid(pid)
-            return str(await SystemdUnit.new_proxy(SYSTEMD, path, self.bus).id.get_async())
+            unit = str(await systemd_property(self.bus, path, f"{SYSTEMD}.Unit", "Id"))
+            kind = next((k for suffix, k in _SLICED.items() if unit.endswith(suffix)), None)
+            slice_ = (
+                ""
+                if kind is None
+                else await systemd_property(self.bus, path, f"{SYSTEMD}.{kind}", "Slice")
+            )
         except SdBusBaseError as e:  # no systemd on this bus, or the process is in no unit
             log.debug("systemd vouches for no unit of pid %d: %s", pid, e)
             return None
+        return VouchedUnit(unit, str(slice_))
 
 
 class NoUnits:
     """No service manager: nobody's unit is vouched for."""
 
-    async def unit_of(self, pid: int) -> str | None:
+    async def unit_of(self, pid: int) -> VouchedUnit | None:
         return None
+
+
+def slice_chain(name: str) -> tuple[str, ...]:
+    """The slices from the top down to ``name``: "user-1000.slice" is in
+    "user.slice" (systemd's naming: a dash nests; "-.slice" is the root)."""
+    if name in ("", "-.slice") or not name.endswith(".slice"):
+        return ()
+    parts = name.removesuffix(".slice").split("-")
+    return tuple("-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))
 
 
 def _name(lookup: Callable[[int], Any], key: int) -> str | None:
@@ -107,50 +143,11 @@ def _name(lookup: Callable[[int], Any], key: int) -> str | None:
         return None
 
 
-def cgroup_path(pid: int, proc: str = "/proc") -> str | None:
-    """The process's cgroup v2 path, or None."""
-    try:
-        with open(os.path.join(proc, str(pid), "cgroup")) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    return next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
-
-
-def systemd_unit(pid: int, proc: str = "/proc") -> tuple[str | None, tuple[str, ...]]:
-    """The unit and slices a process's cgroup path names. Only for vfiod's
-    own process: for anyone else the path is what they chose to call it."""
-    parts = [p for p in (cgroup_path(pid, proc) or "").split("/") if p]
-    slices = tuple(p for p in parts if p.endswith(".slice"))
-    units = [p for p in parts if p.endswith((".service", ".scope"))]
-    return (units[-1] if units else None), slices
-
-
-def slices_above(path: str, unit: str) -> tuple[str, ...] | None:
-    """The slices ``path`` passes through before it reaches ``unit``'s own
-    cgroup; None when the path does not pass through the unit at all (then
-    the unit and the path disagree and neither is believed)."""
-    parts = [p for p in path.split("/") if p]
-    if unit not in parts:
-        return None
-    above = parts[: parts.index(unit)]
-    if not all(p.endswith(".slice") for p in above):
-        return None
-    return tuple(above)
-
-
-def _believed(path: str, unit: str) -> tuple[str | None, tuple[str, ...]]:
-    """The unit and slices that systemd's answer ``unit`` and the process's
-    cgroup ``path`` agree on."""
-    if unit == "-.slice":  # the root cgroup: no unit, no slice
-        return None, ()
-    slices = slices_above(path, unit)
-    if slices is None:
-        log.warning("systemd says unit %s for cgroup %s; believing neither", unit, path)
-        return None, ()
-    if unit.endswith(".slice"):  # a process right in a slice runs in no unit
-        return None, (*slices, unit)
-    return unit, slices
+def _believed(vouched: VouchedUnit) -> tuple[str | None, tuple[str, ...]]:
+    """The unit and slices of what systemd said."""
+    if vouched.unit.endswith(".slice"):  # right in a slice: no unit ("-.slice": the root)
+        return None, slice_chain(vouched.unit)
+    return vouched.unit, slice_chain(vouched.slice)
 
 
 async def vouched_unit(
@@ -178,11 +175,12 @@ async def vouched_unit(
 async def _vouched(
     pid: int, uid: int, vouchers: UnitVouchers, proc: str, pidfd: int
 ) -> tuple[str | None, tuple[str, ...]]:
-    path = cgroup_path(pid, proc) if _real_uid(pid, proc) == uid else None
-    unit = await vouchers.unit_of(pid) if path is not None else None
-    if unit is None or path is None or exited(pidfd):
+    if _real_uid(pid, proc) != uid:
         return None, ()
-    return _believed(path, unit)
+    vouched = await vouchers.unit_of(pid)
+    if vouched is None or exited(pidfd):
+        return None, ()
+    return _believed(vouched)
 
 
 @dataclasses.dataclass(frozen=True)
