@@ -50,7 +50,7 @@ from vfiod.pci import AddressError, PciAddress
 from vfiod.plan import Plan, Target, plan
 from vfiod.policy.load import PolicyHolder
 from vfiod.policy.model import Caller, Policy, Request
-from vfiod.state import LeaseRecord
+from vfiod.state import LeaseRecord, State
 from vfiod.vfio import (
     CdevDevice,
     Container,
@@ -306,6 +306,9 @@ class Broker:
         self._by_group: dict[str, list[Lease]] = {}
         self.listeners: list[Callable[[Lease, LeaseChange], None]] = []
         self._critical: tuple[float, CriticalDevices] | None = None
+        # Devices vfiod moved for no lease it knows, whose group a client
+        # still holds: given back once free.
+        self._orphans: set[PciAddress] = set()
         host.listeners.append(self._on_host_event)
 
     # -- queries
@@ -919,19 +922,36 @@ class Broker:
             if lease.state is LeaseState.DRAINING and self._groups_free(lease):
                 self._free(lease)
                 freed.append(lease)
+        for address in [a for a in self._orphans if not self._group_busy(a)]:
+            self._orphans.discard(address)
+            try:
+                self.binder.restore_all([address])
+            except HostError as e:
+                log.error("giving back %s after a restart: %s", address, e)
+            if address in self.host.inventory.devices:
+                self.host.refresh([address])
         return freed
 
-    def _groups_free(self, lease: Lease) -> bool:
-        for node in lease.group_nodes:
-            try:
-                Group.open(self.kernel, node, dev_dir=self.dev_vfio).close()
-            except VfioError as e:
-                if e.errno == errno.EBUSY:
-                    return False  # a client still holds a device fd
-                if e.errno not in (errno.ENOENT, errno.ENODEV):
-                    log.warning("lease %s: checking group %s: %s", lease.id, node, e)
-                    return False
+    def _group_free(self, node: str, what: str) -> bool:
+        try:
+            Group.open(self.kernel, node, dev_dir=self.dev_vfio).close()
+        except VfioError as e:
+            if e.errno == errno.EBUSY:
+                return False  # a client still holds a device fd
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.warning("%s: checking group %s: %s", what, node, e)
+                return False
         return True
+
+    def _groups_free(self, lease: Lease) -> bool:
+        return all(self._group_free(node, f"lease {lease.id}") for node in lease.group_nodes)
+
+    def _group_busy(self, address: PciAddress) -> bool:
+        """Does a client still hold the group of ``address`` (a device vfiod
+        moved for no lease it knows)?"""
+        device = self.host.inventory.devices.get(address)
+        group = self.host.inventory.groups.get(device.group or "") if device else None
+        return group is not None and not self._group_free(group.node_name, str(address))
 
     def _free(self, lease: Lease) -> None:
         lease.state = LeaseState.FREE
@@ -1012,13 +1032,53 @@ class Broker:
         by fd store name) is adopted and stays active. The others lost
         vfiod's fds with the old process, but their clients may still hold
         device fds: each comes back draining, so its devices are given back
-        once it is free. Devices vfiod moved for no lease are restored now."""
+        once it is free. Devices vfiod moved for no lease are restored now
+        (or, while a client still holds their group, once it lets go)."""
         remaining = {name: list(fds) for name, fds in (stored or {}).items()}
-        recovered = []
-        for record in self.binder.state.load().leases.values():
+        recovered = self._recover_leases(remaining)
+        for name, leftover in remaining.items():  # of no lease we know: let them go
+            for fd in leftover:
+                os.close(fd)
+            self.fd_store.drop(name)
+        self._recover_bindings(recovered)
+        for lease in recovered:
+            if lease.owner_pidfd is not None and exited(lease.owner_pidfd):
+                self.end(lease, f"its owner process {lease.owner_pid} exited while vfiod was down")
+        self.drain()
+        return recovered
+
+    def _recover_leases(self, remaining: dict[str, list[int]]) -> list[Lease]:
+        """The leases of the state file, adopted with the fds they find in
+        ``remaining`` (taken from it) or draining."""
+        recovered: list[Lease] = []
+        claimed: dict[str, str] = {}  # group or device -> the lease recovered with it
+        # A damaged file may name one group in two leases: the one systemd
+        # kept every fd of goes first, then the older.
+        records = sorted(
+            self.binder.state.load().leases.values(),
+            key=lambda r: (not r.fds or any(n not in remaining for n in r.fds), r.created),
+        )
+        for record in records:
+            clash = next(
+                (claimed[k] for k in (*record.groups, *record.devices) if k in claimed), None
+            )
+            if clash is not None:
+                log.warning(
+                    "lease %s of the state file claims what lease %s holds; it is dropped",
+                    record.id,
+                    clash,
+                )
+                for name in record.fds:
+                    for fd in remaining.pop(name, []):
+                        os.close(fd)
+                    self.fd_store.drop(name)
+                self.binder.state.update(functools.partial(State.without_lease, lease_id=record.id))
+                continue
+            claimed.update(dict.fromkeys((*record.groups, *record.devices), record.id))
             lease = self._from_record(record)
             fds = {n: remaining.pop(n)[0] for n in record.fds if n in remaining}
-            if record.fds and len(fds) == len(record.fds) and self._adopt(lease, record, fds):
+            complete = bool(record.fds) and len(fds) == len(record.fds)
+            if complete and self._adopt(lease, record, fds):
                 log.info(
                     "lease %s (uid %d, %s) re-adopted with its fds after a restart",
                     lease.id,
@@ -1026,8 +1086,9 @@ class Broker:
                     lease.label or "unnamed",
                 )
             else:
-                for fd in fds.values():
-                    os.close(fd)
+                if not complete:  # (_adopt closes what it was given)
+                    for fd in fds.values():
+                        os.close(fd)
                 for name in record.fds:
                     self.fd_store.drop(name)
                 lease.state = LeaseState.DRAINING
@@ -1040,11 +1101,21 @@ class Broker:
                 )
             self._add_lease(lease)
             recovered.append(lease)
-        for name, leftover in remaining.items():  # of no lease we know: let them go
-            for fd in leftover:
-                os.close(fd)
-            self.fd_store.drop(name)
+        return recovered
+
+    def _recover_bindings(self, recovered: Sequence[Lease]) -> None:
+        """Give back what vfiod moved for no lease it has now."""
+        # What a lease says vfiod moved goes back, even if its record was lost.
+        self.binder.rebuild_records(a for lease in recovered for a in lease.moved)
         keep = {str(a) for lease in recovered for a in lease.moved}
+        # A device whose group a client still holds open cannot be unbound
+        # yet (the kernel would wait for the client): later, by drain().
+        self._orphans = {
+            PciAddress.parse(a)
+            for a in self.binder.state.load().bindings
+            if a not in keep and self._group_busy(PciAddress.parse(a))
+        }
+        keep |= {str(a) for a in self._orphans}
         for result in self.binder.repair(keep=keep):
             log.warning(
                 "repaired %s after a restart: %s",
@@ -1053,11 +1124,6 @@ class Broker:
             )
         present = [PciAddress.parse(a) for a in keep]
         self.host.refresh(a for a in present if a in self.host.inventory.devices)
-        for lease in recovered:
-            if lease.owner_pidfd is not None and exited(lease.owner_pidfd):
-                self.end(lease, f"its owner process {lease.owner_pid} exited while vfiod was down")
-        self.drain()
-        return recovered
 
     def _adopt(self, lease: Lease, record: LeaseRecord, fds: Mapping[str, int]) -> bool:
         """Rebuild the lease's handles from its stored fds; False (with the

@@ -31,7 +31,7 @@ from vfiod.host.sysfs import Sysfs
 from vfiod.host.watcher import Host, UEventMonitor
 from vfiod.policy.load import PolicyError, PolicyHolder
 from vfiod.service_manager import SystemdFdStore
-from vfiod.state import STATE_PATH, StateFile
+from vfiod.state import STATE_PATH, StateError, StateFile
 from vfiod.vfio import Kernel, LinuxKernel
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class Daemon:
         self.service: BusService | None = None
         self.broker: Broker | None = None
         self.started = _process_start()
+        self.repaired = ""  # what start-up had to repair, for the status line
 
     def _status(self, text: str) -> None:
         notify.notify(f"STATUS={text}")
@@ -130,6 +131,18 @@ class Daemon:
             log.warning("policy: %s", warning)
         # Under D-Bus activation without systemd nobody made /run/vfiod (tmpfiles).
         os.makedirs(os.path.dirname(parts.state.path) or ".", mode=0o700, exist_ok=True)
+        try:
+            parts.state.load()  # a damaged file is repaired (and said so) here
+        except StateError as e:
+            raise StartupError(
+                f"cannot read vfiod's state ({e}); fix that (vfiod will not start afresh "
+                "over records of devices it moved)"
+            ) from e
+        if parts.state.problems:
+            self.repaired = (
+                f"state file repaired ({len(parts.state.problems)} problem(s); the damaged "
+                f"one is kept as {parts.state.moved_aside})"
+            )
         self._status("scanning PCI devices")
         binder = Binder(
             parts.sysfs, parts.state, load_module=parts.load_module, critical=parts.critical
@@ -183,6 +196,7 @@ class Daemon:
         status = (
             f"serving {len(inventory.devices)} PCI devices in {len(inventory.groups)} IOMMU "
             f"groups; {len(broker.leases)} lease(s)"
+            + (f"; {self.repaired}" if self.repaired else "")
         )
         started = time.clock_gettime(time.CLOCK_BOOTTIME) - self.started
         log.info("ready %.2f s after start: %s", started, status)

@@ -79,6 +79,9 @@ class BindingRecord:
     original_driver: str | None
     original_override: str | None
     phase: BindPhase
+    # The record was lost (a damaged state file) and rebuilt from a lease's
+    # list of moved devices: give it back to whichever driver takes it.
+    original_unknown: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,6 +406,7 @@ def _binding_record(key: str, entry: object, notes: list[str]) -> tuple[str, Bin
         original_driver=fields.get("original_driver", _optional(_driver)),
         original_override=fields.get("original_override", _optional(_driver)),
         phase=fields.get("phase", _phase),
+        original_unknown=fields.get("original_unknown", _boolean, False),
     )
 
 

@@ -272,6 +272,7 @@ TYPES = {
     "original_driver": {"str", "null"},
     "original_override": {"str", "null"},
     "phase": {"str"},
+    "original_unknown": {"bool"},
     "uid": {"int"},
     "pid": {"int", "null"},
     "unit": {"str", "null"},

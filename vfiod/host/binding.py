@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ from vfiod.host.critical import find_critical
 from vfiod.host.inventory import IommuGroup, PciDevice, is_dma_safe
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.pci import PciAddress
-from vfiod.state import BindingRecord, BindPhase, StateFile
+from vfiod.state import BindingRecord, BindPhase, State, StateFile
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,9 @@ class Binder:
             "restoring driver_override",
             address,
         )
+        if record.original_unknown:
+            _reprobe(self.sysfs, address)  # whichever driver matches takes it
+            return
         if record.original_driver is None:
             return
         ensure_driver(self.sysfs, record.original_driver, self.load_module)
@@ -360,6 +364,29 @@ class Binder:
                 errors.append(str(e))
         if errors:
             raise HostError(errno.EIO, "; ".join(errors))
+
+    def rebuild_records(self, addresses: Iterable[PciAddress], driver: str = VFIO_PCI) -> None:
+        """Record devices vfiod moved whose records were lost (a damaged
+        state file kept the lease but not its bindings), so that they are
+        given back: to whichever driver takes them, as the original one is
+        not known. Only devices on ``driver`` now: another one has moved on."""
+        for address in addresses:
+            known = self.state.load().bindings
+            if str(address) in known or self.sysfs.driver(address) != driver:
+                continue
+            record = BindingRecord(
+                address=str(address),
+                driver=driver,
+                original_driver=None,
+                original_override=None,
+                phase=BindPhase.BOUND,
+                original_unknown=True,
+            )
+            self.state.update(functools.partial(State.with_binding, record=record))
+            log.warning(
+                "%s: its binding record was lost; it goes back to whichever driver takes it",
+                address,
+            )
 
     def repair(self, keep: Collection[str] = ()) -> list[RepairResult]:
         """After a crash or restart: restore every device vfiod moved, except

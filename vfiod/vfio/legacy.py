@@ -58,8 +58,14 @@ class Container(Handle):
         cls, kernel: Kernel, fd: int, iommu_type: abi.IommuType | None, path: str = CONTAINER_PATH
     ) -> Self:
         """A container set up by an earlier process of ours (kept in systemd's
-        fd store): its IOMMU model is set; its groups are adopted next."""
+        fd store): its IOMMU model is set; its groups are adopted next.
+        Checked with GET_API_VERSION; takes the fd even on error."""
         container = cls(kernel, fd, path)
+        try:
+            container._call("GET_API_VERSION", kernel.get_api_version)
+        except BaseException:
+            container.close()
+            raise
         container.iommu_type = iommu_type
         return container
 
