@@ -653,8 +653,10 @@ def _hold() -> str:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED)
         if _watch_stdin():
             fd = sys.stdin.fileno()
+            readable = select.poll()
+            readable.register(fd, select.POLLIN)
             while True:
-                select.select([fd], [], [])
+                readable.poll()
                 if not os.read(fd, 4096):
                     return "end of input"
         while True:

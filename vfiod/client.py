@@ -31,6 +31,8 @@ from typing import Any, Self, cast
 import sdbus
 from sdbus.sd_bus_internals import SdBus, SdBusMessage
 
+from vfiod.errors import BrokerError
+
 BUS_NAME = "org.vfiod1"
 MANAGER_PATH = "/org/vfiod1"
 MANAGER = "org.vfiod1.Manager"
@@ -59,7 +61,14 @@ class VfiodError(Exception):
         return self.message
 
 
-BusErrors = (sdbus.DbusFailedError, sdbus.SdBusUnmappedMessageError, sdbus.SdBusLibraryError)
+# What a call may raise: sdbus's classes, and vfiod's own where a process
+# that also serves vfiod (tests) has them mapped to their names.
+BusErrors = (
+    sdbus.DbusFailedError,
+    sdbus.SdBusUnmappedMessageError,
+    sdbus.SdBusLibraryError,
+    BrokerError,
+)
 
 
 def _strerror(error: sdbus.SdBusLibraryError) -> str:
@@ -90,6 +99,8 @@ def _error(e: Exception) -> VfiodError:
     if isinstance(e, sdbus.SdBusUnmappedMessageError):
         # An error name sdbus has no class for (all of vfiod's): (name, message).
         name, message = (str(a) for a in (*e.args, "", "")[:2])
+    elif isinstance(e, BrokerError):
+        name, message = e.dbus_name, e.message
     else:
         name = str(getattr(e, "dbus_error_name", "org.freedesktop.DBus.Error.Failed"))
         message = str(e.args[0]) if e.args else name

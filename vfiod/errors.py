@@ -1,6 +1,7 @@
-"""Errors the broker answers with. Each carries its D-Bus error name; the bus
-layer turns them into replies. Any other exception reaching the bus layer is
-a bug: it is logged with its traceback and answered with a generic error."""
+"""Errors the broker answers with. Each carries its D-Bus error name, one of
+dbus/org.vfiod1.xml; the bus layer turns them into replies. Any other
+exception reaching the bus layer is a bug: it is logged with its traceback
+and answered with InternalError (org.vfiod1.Error.Failed)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ ERROR_PREFIX = "org.vfiod1.Error."
 
 class BrokerError(Exception):
     """A refusal or failure that the caller should hear about, in words that
-    say what to do next."""
+    say what to do next. Raised only as one of its subclasses: its own name
+    (Failed) is InternalError's."""
 
     dbus_name: ClassVar[str] = ERROR_PREFIX + "Failed"
 
@@ -72,6 +74,13 @@ class KernelError(BrokerError):
         )
 
 
+class InternalError(BrokerError):
+    """Anything but a BrokerError escaping a method is a bug in vfiod."""
+
+    dbus_name = ERROR_PREFIX + "Failed"
+
+
+# The refusals, in the contract's order (InternalError is no refusal).
 ALL_ERRORS: tuple[type[BrokerError], ...] = (
     PermissionDenied,
     NotFound,

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from vfiod.errors import (
     BrokerError,
     HostCritical,
+    InvalidArgument,
     NotViable,
     PermissionDenied,
     Unsafe,
@@ -131,6 +132,9 @@ class Plan:
         return next(g for g in self.groups if address in g.requested)
 
 
+BRIDGE_CLASS = 0x06  # PCI base class of host, PCI and other bridges
+
+
 def refusal_error(decision: Decision, prefix: str = "") -> BrokerError:
     """The error a refused decision is answered with."""
     text = prefix + (" ".join(decision.reasons) or "denied by policy")
@@ -217,11 +221,17 @@ def _plan_group(
     for address in requested:  # the caller's own requests decide first
         if not decided[address].allowed and refusal is None:
             refusal = refusal_error(decided[address])
+    for target in targets:
+        if refusal is None and target.device.pci_class >> 16 == BRIDGE_CLASS:
+            refusal = InvalidArgument(
+                f"{_describe(target.device)} is a bridge, which vfio-pci does not take: ask "
+                "for the devices behind it"
+            )
     for device in candidates:
-        if not reachable(device) and group is not None:
+        is_requested = device.address in requested
+        if not (reachable(device) or is_requested) and group is not None:
             continue
         decision = decided[device.address]
-        is_requested = device.address in requested
         via: Rule | None = decision.rule if decision.allowed else None
         if not is_requested and via is None:
             if decision.refusal is Refusal.NO_RULE and carrying is not None:
@@ -232,7 +242,8 @@ def _plan_group(
             Member(
                 device=device,
                 requested=is_requested,
-                moves=needs_binding(device) or group is None,
+                # A requested device needs a device fd: unbound or on pci-stub, it moves too.
+                moves=needs_binding(device) or not is_vfio_driver(device.driver),
                 decision=decision,
                 via=via,
             )
@@ -279,6 +290,9 @@ def _move_refusal(
     if group is None:
         what = f"{device.address} has no IOMMU group"
         fix = "bind it to vfio-pci in unsafe no-IOMMU mode"
+    elif group.viable:
+        what = ", ".join(_describe(m.device) for m in moving) + " must be on vfio-pci first"
+        fix = "bind it to vfio-pci"
     else:
         what = f"IOMMU group {group.id} is not viable: " + "; ".join(
             b.reason for b in group.blockers()

@@ -37,7 +37,13 @@ from tests.unit.test_broker import (
     restarted,
 )
 from vfiod.broker import MESSAGE_DENIED, MESSAGE_REVOKED, AcquireOptions
-from vfiod.errors import BrokerError, InvalidArgument, KernelError, PermissionDenied
+from vfiod.errors import (
+    BrokerError,
+    InvalidArgument,
+    KernelError,
+    NotViable,
+    PermissionDenied,
+)
 from vfiod.host.fake import FakeSysfs
 from vfiod.host.sysfs import HostError
 from vfiod.host.watcher import Action, UEvent
@@ -349,3 +355,31 @@ def test_a_lease_adopted_after_a_restart_keeps_its_callers_names(tmp_path: Path)
         assert w.host.sysfs.driver(NIC) == "e1000e"
     finally:
         store.close()
+
+
+def test_a_requested_bridge_is_refused_at_once(tmp_path: Path) -> None:
+    """vfio-pci never takes a bridge: its group node would never appear."""
+    policy = '[[rule]]\nname = "all"\neffect = "allow"\naddress = "*"\nusers = ["alice"]\n'
+    w = make_world(tmp_path, "small", policy + "managed = true\n")
+    with pytest.raises(
+        InvalidArgument, match=r"0000:00:1c\.0 \(PCI bridge, pcieport\) is a bridge"
+    ):
+        w.acquire(ALICE, devices=("0000:00:1c.0",))
+    assert w.broker.check_access(ALICE, ["0000:00:1c.0"], AcquireOptions())[0][1] is False
+    assert w.broker.leases == {}
+
+
+def test_a_requested_device_on_no_driver_is_bound_for_its_device_fd(tmp_path: Path) -> None:
+    policy = f'[[rule]]\nname = "nic"\neffect = "allow"\naddress = "{NIC}"\nusers = ["alice"]\n'
+    w = make_world(tmp_path, "small", policy + "managed = true\n")
+    fs = w.host.sysfs
+    fs.write(os.path.join(fs.device_path(NIC), "driver/unbind"), str(NIC))
+    w.live.refresh([NIC])
+    with pytest.raises(NotViable, match=r"no driver\) must be on vfio-pci first.*managed=true"):
+        w.acquire(ALICE, managed=False)
+    grant = w.acquire(ALICE)
+    assert "device:0000:00:10.0" in grant.fds
+    assert fs.driver(NIC) == "vfio-pci"
+    close_all(grant.fds)
+    w.broker.release(grant.lease.id, ALICE)
+    assert fs.driver(NIC) is None, "back where it was: on no driver"

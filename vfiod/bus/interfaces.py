@@ -6,46 +6,43 @@ vfiod.bus.service, which calls the broker); properties read a snapshot the
 service keeps up to date, so GetManagedObjects over thousands of objects does
 no work beyond reading attributes.
 
+Methods are ``vfiod_method``s (vfiod.bus.checked): a call that sd-bus
+cannot read whole (a forged fd index, a key given twice) is refused before
+sdbus parses it; every fd a call carried is closed when it is done (the
+backend borrows them: the broker dups what it keeps); every error answered
+is an org.vfiod1.Error.*, bugs logged with their tracebacks.
+
 sdbus facts this relies on (0.14.3): every exported method needs
-DbusUnprivilegedFlag or sd-bus refuses non-root callers itself; received fds
-are dups the receiver owns; fds sent are copied into the message, so the
-sender closes its own after the reply is built.
+DbusUnprivilegedFlag or sd-bus refuses non-root callers itself
+(vfiod_method sets it); fds sent are copied into the message, so the sender
+closes its own after the reply is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from sdbus import (
     DbusInterfaceCommonAsync,
     DbusObjectManagerInterfaceAsync,
     DbusPropertyConstFlag,
     DbusPropertyEmitsChangeFlag,
-    DbusUnprivilegedFlag,
-    dbus_method_async,
     dbus_property_async,
     dbus_signal_async,
 )
 
-from vfiod.errors import BrokerError
+from vfiod.bus.checked import vfiod_method
+from vfiod.errors import InternalError as InternalError  # noqa: PLC0414 - the service's
 
 if TYPE_CHECKING:
     from vfiod.bus.service import BusBackend
-
-log = logging.getLogger(__name__)
 
 MANAGER_PATH = "/org/vfiod1"
 DEVICE_PREFIX = "/org/vfiod1/device/"
 GROUP_PREFIX = "/org/vfiod1/group/"
 LEASE_PREFIX = "/org/vfiod1/lease/"
 NO_OBJECT = "/"
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 
 def device_path(address: str) -> str:
@@ -58,32 +55,6 @@ def group_path(node_name: str) -> str:
 
 def lease_path(lease_id: str) -> str:
     return LEASE_PREFIX + lease_id
-
-
-class InternalError(BrokerError):
-    """Anything but a BrokerError escaping a method is a bug in vfiod."""
-
-
-def guarded(
-    method: Callable[P, Coroutine[Any, Any, T]],
-) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Answer BrokerErrors as they are; log anything else with its traceback
-    as the bug it is, and answer with a generic error instead of its text."""
-
-    @functools.wraps(method)
-    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await method(*args, **kwargs)
-        except BrokerError:
-            raise
-        except Exception as e:
-            log.exception("bug: %s failed", method.__qualname__)
-            raise InternalError(
-                f"vfiod failed unexpectedly ({type(e).__name__}); this is a bug, logged in "
-                "vfiod's journal: please report it"
-            ) from e
-
-    return call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,45 +87,38 @@ class GroupView:
 
 CHANGES = DbusPropertyEmitsChangeFlag
 CONST = DbusPropertyConstFlag
-CALL = DbusUnprivilegedFlag
 
 
 class ManagerInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Manager"):
     backend: BusBackend
 
-    @dbus_method_async(
+    @vfiod_method(
         input_signature="asa{sv}",
         result_signature="oa{sh}",
         input_args_names=("devices", "options"),
         result_args_names=("lease", "fds"),
-        flags=CALL,
     )
-    @guarded
     async def acquire(
         self, devices: list[str], options: dict[str, tuple[str, Any]]
     ) -> tuple[str, dict[str, int]]:
         return await self.backend.acquire(devices, options)
 
-    @dbus_method_async(input_signature="o", input_args_names=("lease",), flags=CALL)
-    @guarded
+    @vfiod_method(input_signature="o", input_args_names=("lease",))
     async def release(self, lease: str) -> None:
         await self.backend.release(lease)
 
-    @dbus_method_async(
+    @vfiod_method(
         input_signature="asa{sv}",
         result_signature="a(sbs)",
         input_args_names=("devices", "options"),
         result_args_names=("results",),
-        flags=CALL,
     )
-    @guarded
     async def check_access(
         self, devices: list[str], options: dict[str, tuple[str, Any]]
     ) -> list[tuple[str, bool, str]]:
         return await self.backend.check_access(devices, options)
 
-    @dbus_method_async(flags=CALL)
-    @guarded
+    @vfiod_method()
     async def reload_policy(self) -> None:
         await self.backend.reload_policy()
 
@@ -300,26 +264,22 @@ class LeaseInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Lease"
         self.lease_id = lease_id
         self.view = view
 
-    @dbus_method_async(flags=CALL, method_name="Release")
-    @guarded
+    @vfiod_method(method_name="Release")
     async def release_lease(self) -> None:
         await self.backend.release(lease_path(self.lease_id))
 
-    @dbus_method_async(
+    @vfiod_method(
         input_signature="httta{sv}",
         result_signature="t",
         input_args_names=("memfd", "offset", "size", "iova", "options"),
         result_args_names=("mapped_iova",),
-        flags=CALL,
     )
-    @guarded
     async def map_dma(
         self, memfd: int, offset: int, size: int, iova: int, options: dict[str, tuple[str, Any]]
     ) -> int:
         return await self.backend.map_dma(self.lease_id, memfd, offset, size, iova, options)
 
-    @dbus_method_async(input_signature="tt", input_args_names=("iova", "size"), flags=CALL)
-    @guarded
+    @vfiod_method(input_signature="tt", input_args_names=("iova", "size"))
     async def unmap_dma(self, iova: int, size: int) -> None:
         await self.backend.unmap_dma(self.lease_id, iova, size)
 

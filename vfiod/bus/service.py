@@ -85,11 +85,17 @@ class BusBackend(Protocol):
 
 
 def register_errors() -> None:
-    """Map each broker error class to its D-Bus error name (sdbus maps by exact type)."""
-    errors: tuple[type[BrokerError], ...] = (*ALL_ERRORS, BrokerError, InternalError)
+    """Map each error class vfiod answers with to its D-Bus name, for sdbus
+    (which maps by exact type, one class per name). Its methods answer with
+    the error's own name anyway (vfiod.bus.checked). BrokerError itself is
+    never raised: its name, Failed, is InternalError's."""
+    from sdbus.sd_bus_internals import EXCEPTION_TO_DBUS_ERROR  # noqa: PLC0415
+
+    errors: tuple[type[BrokerError], ...] = (*ALL_ERRORS, InternalError)
     for error in errors:
-        # Mapped already when a second service runs in the same process (tests).
-        with contextlib.suppress(ValueError):
+        # Mapped already when a second service runs in the same process (tests);
+        # any other mapping of the name is a conflict, and raises ValueError.
+        if EXCEPTION_TO_DBUS_ERROR.get(error) != error.dbus_name:
             map_exception_to_dbus_error(error, error.dbus_name)
 
 
@@ -369,15 +375,11 @@ class BusService:
 
     async def acquire(self, devices: list[str], options: Variants) -> tuple[str, dict[str, int]]:
         sender = get_current_message().sender or ""
+        # Received fds (owner-pidfd) are borrowed: the method closes them after
+        # the call (vfiod.bus.checked); the lease keeps a dup.
         parsed = acquire_options(options)
-        try:
-            credentials = await self.callers.of(sender)
-            grant = self.broker.acquire(
-                credentials.caller, credentials.pid, sender, devices, parsed
-            )
-        finally:
-            if parsed.owner_pidfd is not None:
-                os.close(parsed.owner_pidfd)  # received fds are ours; the lease keeps a dup
+        credentials = await self.callers.of(sender)
+        grant = self.broker.acquire(credentials.caller, credentials.pid, sender, devices, parsed)
         if len(grant.fds) > MAX_REPLY_FDS:
             for fd in grant.fds.values():
                 os.close(fd)
@@ -431,13 +433,9 @@ class BusService:
     async def check_access(
         self, devices: list[str], options: Variants
     ) -> list[tuple[str, bool, str]]:
-        parsed = acquire_options(options, "CheckAccess")
-        try:
-            credentials = await self.callers.of(get_current_message().sender)
-            return self.broker.check_access(credentials.caller, devices, parsed)
-        finally:
-            if parsed.owner_pidfd is not None:
-                os.close(parsed.owner_pidfd)
+        parsed = acquire_options(options, "CheckAccess")  # owner-pidfd borrowed, as in acquire
+        credentials = await self.callers.of(get_current_message().sender)
+        return self.broker.check_access(credentials.caller, devices, parsed)
 
     async def reload_policy(self) -> None:
         credentials = await self.callers.of(get_current_message().sender)
@@ -468,14 +466,13 @@ class BusService:
     async def map_dma(
         self, lease_id: str, memfd: int, offset: int, size: int, iova: int, options: Variants
     ) -> int:
-        try:
-            allocate = map_options(options)
+        # memfd is borrowed, as in acquire; the mapping keeps its own reference (mmap).
+        allocate = map_options(options)
+        with self._calling(lease_id):
             credentials = await self.callers.of(get_current_message().sender)
             return self.broker.map_dma(
                 lease_id, credentials.caller, memfd, offset, size, None if allocate else iova
             )
-        finally:
-            os.close(memfd)  # the mapping keeps its own reference (mmap)
 
     async def unmap_dma(self, lease_id: str, iova: int, size: int) -> None:
         with self._calling(lease_id):

@@ -1,10 +1,13 @@
 """Inputs from the wire, read through checked getters: a known key, the right
 type, or a clear InvalidArgument naming both. sdbus hands an a{sv} over as
-{key: (signature, value)}."""
+{key: (signature, value)}.
+
+An fd among the options is borrowed: the method that received the call
+closes every fd it carried, wherever it sits, once the call is done
+(vfiod.bus.checked); whoever keeps one (the broker) keeps a dup."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,8 +21,6 @@ class OptionReader:
     def __init__(self, options: Variants, method: str) -> None:
         self.options = dict(options)
         self.method = method
-        # Every fd the message carried in the options: received fds are ours.
-        self.fds = [int(v) for sig, v in self.options.values() if sig == "h"]
 
     def _take(self, key: str, signature: str, kind: str) -> Any:
         if key not in self.options:
@@ -50,49 +51,35 @@ class OptionReader:
                 "see the org.vfiod1 API for the options each method takes"
             )
 
-    def close_fds(self) -> None:
-        """Close every fd the options carried (so a refusal leaks none)."""
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
-
 
 def acquire_options(options: Variants, method: str = "Acquire") -> AcquireOptions:
-    """Acquire's (and CheckAccess's) options. An fd the caller passed
-    (owner-pidfd) is the caller's of this function to close, whatever happens."""
+    """Acquire's (and CheckAccess's) options. owner-pidfd is borrowed (see
+    the module docstring)."""
     reader = OptionReader(options, method)
-    try:
-        backend = reader.string("backend")
-        if backend is not None and backend not in {b.value for b in Backend}:
-            raise InvalidArgument(
-                f"option backend={backend!r} is unknown; use one of: "
-                + ", ".join(b.value for b in Backend)
-            )
-        label = reader.string("label") or ""
-        if len(label) > 256 or not label.isprintable():
-            raise InvalidArgument("option label must be printable and at most 256 characters")
-        result = AcquireOptions(
-            backend=Backend(backend) if backend is not None else None,
-            open_devices=reader.boolean("open-devices", True),
-            managed=reader.boolean("managed", False),
-            unsafe_noiommu=reader.boolean("unsafe-noiommu", False),
-            owner_pidfd=reader.fd("owner-pidfd"),
-            label=label,
+    backend = reader.string("backend")
+    if backend is not None and backend not in {b.value for b in Backend}:
+        raise InvalidArgument(
+            f"option backend={backend!r} is unknown; use one of: "
+            + ", ".join(b.value for b in Backend)
         )
-        reader.done()
-    except BaseException:
-        reader.close_fds()
-        raise
+    label = reader.string("label") or ""
+    if len(label) > 256 or not label.isprintable():
+        raise InvalidArgument("option label must be printable and at most 256 characters")
+    result = AcquireOptions(
+        backend=Backend(backend) if backend is not None else None,
+        open_devices=reader.boolean("open-devices", True),
+        managed=reader.boolean("managed", False),
+        unsafe_noiommu=reader.boolean("unsafe-noiommu", False),
+        owner_pidfd=reader.fd("owner-pidfd"),
+        label=label,
+    )
+    reader.done()
     return result
 
 
 def map_options(options: Variants) -> bool:
     """MapDma's options; returns allocate-iova."""
     reader = OptionReader(options, "MapDma")
-    try:
-        allocate = reader.boolean("allocate-iova", False)
-        reader.done()
-    except BaseException:
-        reader.close_fds()
-        raise
+    allocate = reader.boolean("allocate-iova", False)
+    reader.done()
     return allocate

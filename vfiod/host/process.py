@@ -47,9 +47,11 @@ def _real_uid(pid: int, proc: str) -> int | None:
 
 
 def exited(pidfd: int) -> bool:
-    """Has the process behind ``pidfd`` exited? (Never blocks.)"""
-    readable, _, _ = select.select([pidfd], [], [], 0)
-    return bool(readable)
+    """Has the process behind ``pidfd`` exited? (Never blocks.) poll(2), not
+    select(2): a daemon with many leases holds fds past select's 1024."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def owner_process(pidfd: int, proc: str = "/proc") -> OwnerProcess:

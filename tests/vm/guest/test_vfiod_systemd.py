@@ -207,7 +207,7 @@ managed = true
 # As nobody in a unit systemd-run makes (see IN_UNIT_AS_NOBODY): optionally
 # make cgroups named like system units in the unit's delegated subtree and
 # move in; ask; give back what was granted.
-ASK_IN_UNIT = """\
+OWN_CGROUP = """\
 import json, os, sys
 
 def own_cgroup():  # the directory, whatever the cgroup namespace shows
@@ -222,6 +222,10 @@ def own_cgroup():  # the directory, whatever the cgroup namespace shows
                 pass
     raise SystemExit("no cgroup of mine")
 
+"""
+ASK_IN_UNIT = (
+    OWN_CGROUP
+    + """\
 spoof = sys.argv[2:]
 if spoof:
     path = own_cgroup()
@@ -246,22 +250,26 @@ else:
 out.update(cgroup=cgroup, allowed=check.allowed, reason=check.reason)
 print(json.dumps(out))
 """
+)
 
 
 # The unit's main process starts as root; with DELEGATE=yes it hands the
 # unit's delegated cgroup to nobody, as systemd does for a delegate with
 # User=; then it becomes nobody. (systemd cannot exec this checkout's
 # interpreter as nobody where it lives under a home folder only root may
-# search; setpriv can, as the other clients here show.)
-IN_UNIT_AS_NOBODY = """\
-procs=$(grep -lx "$$" $(find /sys/fs/cgroup -name cgroup.procs) | head -n 1)
-cgroup=$(dirname "$procs")
-if [ "$DELEGATE" = yes ]; then
-    chown 65534:65534 "$cgroup" "$cgroup/cgroup.procs" "$cgroup/cgroup.subtree_control" \\
-        "$cgroup/cgroup.threads" || exit 1
-fi
-exec setpriv --reuid=65534 --regid=65534 --clear-groups -- "$@"
+# search; setpriv can, as the other clients here show. No "$" in these
+# snippets: systemd expands it in a unit's command line.)
+AS_NOBODY_IN_UNIT = (
+    OWN_CGROUP
+    + """\
+if os.environ.get("DELEGATE") == "yes":
+    mine = own_cgroup()
+    for name in ("", "/cgroup.procs", "/cgroup.subtree_control", "/cgroup.threads"):
+        os.chown(mine + name, 65534, 65534)
+nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+os.execvp("setpriv", nobody + sys.argv[1:])
 """
+)
 
 
 def in_unit(
@@ -271,7 +279,7 @@ def in_unit(
     argv = ["systemd-run", "--quiet", "--wait", "--pipe", *run_options]
     if delegate:
         argv += ["-p", "Delegate=yes", "--setenv=DELEGATE=yes"]
-    argv += ["--", "/bin/sh", "-c", IN_UNIT_AS_NOBODY, "in-unit"]
+    argv += ["--", sys.executable, "-c", AS_NOBODY_IN_UNIT]
     argv += [sys.executable, "-c", ASK_IN_UNIT, E1000E, *spoof]
     result = ns.run(argv, timeout=180)
     out = json.loads(result.stdout.splitlines()[-1])
