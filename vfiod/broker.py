@@ -388,7 +388,8 @@ class Broker:
             reason = " ".join(decision.reasons) or "allowed"
             holder = self._holder(target.device, target.group)
             if holder is not None:
-                reason += f" (but now {self._busy_text(holder, target.group, target.device)})"
+                now = self._busy_text(holder, target.group, target.device, caller)
+                reason += f" (but now {now})"
             results.append((text, True, reason))
         return results
 
@@ -463,7 +464,8 @@ class Broker:
             holder = self._holder(target.device, target.group)
             if holder is not None:
                 raise Busy(
-                    self._busy_text(holder, target.group, target.device) + "; wait for it to end"
+                    self._busy_text(holder, target.group, target.device, caller)
+                    + "; wait for it to end"
                 )
         the_plan = self._plan(policy, caller, request, targets, options)
         refusal = the_plan.refusal or self._request_refusal(caller, the_plan, backend, options)
@@ -582,13 +584,18 @@ class Broker:
         return self.lease_of_device(device.address)
 
     @staticmethod
-    def _busy_text(holder: Lease, group: IommuGroup | None, device: PciDevice) -> str:
+    def _busy_text(
+        holder: Lease, group: IommuGroup | None, device: PciDevice, caller: Caller
+    ) -> str:
+        """Who holds it: the label only to its own uid and root (as
+        GetLeaseDetails); the uid to anyone (as ps(1) shows owners)."""
         what = f"IOMMU group {group.id}" if group is not None else str(device.address)
         state = "" if holder.state is LeaseState.ACTIVE else f", {holder.state.value}"
-        return (
-            f"{what} is leased to {holder.label or 'an unnamed VM'} (uid "
-            f"{holder.caller.uid}, lease {holder.id}{state})"
-        )
+        if caller.uid in (0, holder.caller.uid):
+            who = f"{holder.label or 'an unnamed VM'} (uid {holder.caller.uid}, lease {holder.id}"
+        else:
+            who = f"uid {holder.caller.uid} (lease {holder.id}"
+        return f"{what} is leased to {who}{state})"
 
     def _check_owner(self, caller: Caller, pidfd: int | None) -> int | None:
         if pidfd is None:

@@ -135,6 +135,8 @@ def _created(lease: LeaseInfo) -> str:
 
 
 def _holder(lease: LeaseInfo) -> str:
+    if lease.details is None:  # not yours: vfiod tells only who (uid) holds it
+        return f"uid {lease.uid} (lease {lease.id})"
     who = f"{lease.label} " if lease.label else ""
     return f"{who}(uid {lease.uid}, pid {lease.pid}, lease {lease.id})"
 
@@ -264,19 +266,27 @@ def _group_json(view: View, group: GroupInfo) -> dict[str, object]:
 
 
 def _lease_json(lease: LeaseInfo) -> dict[str, object]:
+    details = lease.details
     return {
         "id": lease.id,
         "path": lease.path,
-        "owner": lease.owner,
         "uid": lease.uid,
-        "pid": lease.pid,
-        "unit": lease.unit,
-        "label": lease.label,
         "devices": list(lease.devices),
         "groups": list(lease.groups),
         "backend": lease.backend,
         "unsafe": lease.unsafe,
         "created": lease.created,
+        # Who holds it: for your own leases (all of them, as root); else null.
+        "details": None
+        if details is None
+        else {
+            "owner": details.owner,
+            "pid": details.pid,
+            "owner_pid": details.owner_pid,
+            "unit": details.unit,
+            "label": details.label,
+            "state": details.state,
+        },
     }
 
 
@@ -300,7 +310,7 @@ def _lease_table(leases: Sequence[LeaseInfo]) -> str:
         (
             lease.id,
             str(lease.uid),
-            str(lease.pid),
+            str(lease.pid) if lease.details is not None else "-",
             lease.label or "-",
             _created(lease),
             lease.backend + (" UNSAFE" if lease.unsafe else ""),

@@ -182,18 +182,43 @@ class GroupInfo:
 
 
 @dataclasses.dataclass(frozen=True)
-class LeaseInfo:
-    path: str
-    owner: str
-    uid: int
-    pid: int
+class LeaseDetails:
+    """Who holds a lease: told to the lease's own uid and to root only."""
+
+    owner: str  # the bus name that asked
+    pid: int  # of the caller when it asked (0: not known)
+    owner_pid: int  # of the process the lease follows (0: it follows the bus connection)
     unit: str
     label: str
+    state: str  # "active", "draining"
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseInfo:
+    path: str
+    uid: int
     devices: tuple[str, ...]
     groups: tuple[str, ...]
     backend: str
     unsafe: bool
     created: int  # microseconds since the epoch
+    details: LeaseDetails | None = None  # None: not yours to see
+
+    @property
+    def label(self) -> str:
+        return self.details.label if self.details is not None else ""
+
+    @property
+    def unit(self) -> str:
+        return self.details.unit if self.details is not None else ""
+
+    @property
+    def pid(self) -> int:
+        return self.details.pid if self.details is not None else 0
+
+    @property
+    def owner(self) -> str:
+        return self.details.owner if self.details is not None else ""
 
     @property
     def id(self) -> str:
@@ -309,23 +334,42 @@ def _group(path: str, p: Mapping[str, Any]) -> GroupInfo:
     )
 
 
-def _lease_info(path: str, p: Mapping[str, Any]) -> LeaseInfo:
+def _lease_info(path: str, p: Mapping[str, Any], d: Mapping[str, Any] | None) -> LeaseInfo:
+    details = None
+    if d is not None:
+        details = LeaseDetails(
+            owner=d["Owner"],
+            pid=d["Pid"],
+            owner_pid=d["OwnerPid"],
+            unit=d["Unit"],
+            label=d["Label"],
+            state=d["State"],
+        )
     return LeaseInfo(
         path=path,
-        owner=p["Owner"],
         uid=p["Uid"],
-        pid=p["Pid"],
-        unit=p["Unit"],
-        label=p["Label"],
         devices=tuple(p["Devices"]),
         groups=tuple(p["Groups"]),
         backend=p["Backend"],
         unsafe=p["Unsafe"],
         created=p["Created"],
+        details=details,
     )
 
 
-def _inventory(objects: Mapping[str, Mapping[str, Mapping[str, tuple[str, Any]]]]) -> Inventory:
+Objects = Mapping[str, Mapping[str, Mapping[str, tuple[str, Any]]]]
+Details = Mapping[str, Mapping[str, tuple[str, Any]]]
+
+
+def _lease_paths(objects: Objects) -> list[str]:
+    return [path for path, interfaces in objects.items() if LEASE in interfaces]
+
+
+def _details_call(bus: SdBus, paths: Sequence[str]) -> SdBusMessage:
+    return _call(bus, MANAGER, "GetLeaseDetails", "ao", list(paths))
+
+
+def _inventory(objects: Objects, details: Details) -> Inventory:
     devices: dict[str, DeviceInfo] = {}
     groups: dict[str, GroupInfo] = {}
     leases: dict[str, LeaseInfo] = {}
@@ -336,7 +380,10 @@ def _inventory(objects: Mapping[str, Mapping[str, Mapping[str, tuple[str, Any]]]
         if GROUP in interfaces:
             groups[path] = _group(path, _unwrap(interfaces[GROUP]))
         if LEASE in interfaces:
-            leases[path] = _lease_info(path, _unwrap(interfaces[LEASE]))
+            mine = details.get(path)
+            leases[path] = _lease_info(
+                path, _unwrap(interfaces[LEASE]), _unwrap(mine) if mine is not None else None
+            )
     return Inventory(dict(sorted(devices.items())), groups, leases)
 
 
@@ -380,13 +427,21 @@ class Client:
         self._send(_call(self.bus, MANAGER, "ReloadPolicy"))
 
     def inventory(self) -> Inventory:
-        reply = self._send(_call(self.bus, OBJECT_MANAGER, "GetManagedObjects"))
-        return _inventory(cast(Any, _value(reply)))
+        """Every device, group and lease; who holds a lease only for your
+        own leases (all, for root)."""
+        objects = cast(
+            Objects, _value(self._send(_call(self.bus, OBJECT_MANAGER, "GetManagedObjects")))
+        )
+        paths = _lease_paths(objects)
+        details = cast(Details, _value(self._send(_details_call(self.bus, paths)))) if paths else {}
+        return _inventory(objects, details)
 
     def lease_info(self, lease: Lease | str) -> LeaseInfo:
         path = lease_path(lease)
         reply = self._send(_call(self.bus, PROPERTIES, "GetAll", "s", LEASE, path=path))
-        return _lease_info(path, _unwrap(_value(reply)))
+        details = cast(Details, _value(self._send(_details_call(self.bus, [path]))))
+        mine = details.get(path)
+        return _lease_info(path, _unwrap(_value(reply)), _unwrap(mine) if mine else None)
 
     def manager_properties(self) -> dict[str, Any]:
         reply = self._send(_call(self.bus, PROPERTIES, "GetAll", "s", MANAGER))
@@ -456,7 +511,12 @@ class AsyncClient:
 
     async def inventory(self) -> Inventory:
         reply = await self._send(_call(self.bus, OBJECT_MANAGER, "GetManagedObjects"))
-        return _inventory(cast(Any, _value(reply)))
+        objects = cast(Objects, _value(reply))
+        paths = _lease_paths(objects)
+        details: Details = {}
+        if paths:
+            details = cast(Details, _value(await self._send(_details_call(self.bus, paths))))
+        return _inventory(objects, details)
 
     async def events(self) -> AsyncIterator[Event]:
         """vfiod's announcements: objects added and removed, properties

@@ -86,3 +86,47 @@ def test_root_releasing_a_lease_revokes_it_for_its_owner(
     assert revoked == [["revoked", path, {"reason": "released by uid 0"}]]
     assert "released by uid 0" in vfiod.log()
     assert vfiod.driver(str(NIC)) == "e1000e"
+
+
+HOLD = """\
+lease = vfiod.acquire([sys.argv[1]], managed=True, label="tenant-a")
+lease.close()
+say(lease.path)
+sys.stdin.readline()
+"""
+
+LOOK = """\
+inventory = vfiod.inventory()
+(info,) = inventory.leases.values()
+say({"uid": info.uid, "details": None if info.details is None else
+         [info.details.label, info.details.owner_pid, info.details.state],
+     "busy": failure(vfiod.acquire, [sys.argv[1]])})
+"""
+
+
+def test_who_holds_a_lease_is_told_to_its_uid_and_root_only(
+    vfiod: VfiodProcess, nobody: Clients, private_bus: PrivateBus
+) -> None:
+    holder = nobody.spawn(HOLD, str(NIC))
+    try:
+        holder.read(timeout=30)
+        own = nobody.run(LOOK, str(NIC))
+        other = Clients(private_bus, 1).run(LOOK, str(NIC))
+        root = Client(private_bus.connect())
+        try:
+            (seen,) = root.inventory().leases.values()
+        finally:
+            root.close()
+    finally:
+        holder.kill()
+    assert own["details"] == ["tenant-a", 0, "active"]
+    assert own["busy"][0] == "Busy"
+    assert "tenant-a" in own["busy"][1]
+    assert other["uid"] == 65534
+    assert other["details"] is None
+    assert other["busy"][0] == "Busy"
+    assert "tenant-a" not in other["busy"][1]
+    assert "leased to uid 65534 (lease " in other["busy"][1]
+    assert seen.details is not None
+    assert seen.label == "tenant-a"
+    assert seen.owner.startswith(":")

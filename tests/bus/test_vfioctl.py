@@ -223,7 +223,7 @@ sys.stdin.readline()
     assert devices[str(E1000_B)]["original_driver"] == "e1000"
     assert devices[str(E1000_B)]["lease"] == lease
     [info] = data["leases"]
-    assert (info["id"], info["label"], info["uid"], info["groups"]) == (
+    assert (info["id"], info["details"]["label"], info["uid"], info["groups"]) == (
         lease,
         "vm-7",
         NOBODY,

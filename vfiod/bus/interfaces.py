@@ -122,6 +122,15 @@ class ManagerInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Mana
     async def reload_policy(self) -> None:
         await self.backend.reload_policy()
 
+    @vfiod_method(
+        input_signature="ao",
+        result_signature="a{oa{sv}}",
+        input_args_names=("leases",),
+        result_args_names=("details",),
+    )
+    async def get_lease_details(self, leases: list[str]) -> dict[str, dict[str, tuple[str, Any]]]:
+        return await self.backend.lease_details(leases)
+
     @dbus_property_async("s", flags=CONST)
     def version(self) -> str:
         return self.backend.version
@@ -241,11 +250,9 @@ class GroupInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Group"
 
 @dataclasses.dataclass(frozen=True)
 class LeaseView:
-    owner: str
+    """What anyone may see of a lease (see Manager.GetLeaseDetails for the rest)."""
+
     uid: int
-    pid: int
-    unit: str
-    label: str
     devices: tuple[str, ...]
     groups: tuple[str, ...]
     backend: str
@@ -287,25 +294,9 @@ class LeaseInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Lease"
     def revoked(self) -> str:
         raise NotImplementedError  # emitted, never called
 
-    @dbus_property_async("s", flags=CONST)
-    def owner(self) -> str:
-        return self.view.owner
-
     @dbus_property_async("u", flags=CONST)
     def uid(self) -> int:
         return self.view.uid
-
-    @dbus_property_async("u", flags=CONST)
-    def pid(self) -> int:
-        return self.view.pid
-
-    @dbus_property_async("s", flags=CONST)
-    def unit(self) -> str:
-        return self.view.unit
-
-    @dbus_property_async("s", flags=CONST)
-    def label(self) -> str:
-        return self.view.label
 
     @dbus_property_async("as", flags=CONST)
     def devices(self) -> list[str]:

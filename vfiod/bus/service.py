@@ -51,9 +51,8 @@ from vfiod.policy.load import PolicyError
 
 log = logging.getLogger(__name__)
 
-# dbus-daemon drops a message carrying more fds and disconnects its sender.
-MAX_REPLY_FDS = 16
 SETTLE_TIME = 1.0  # seconds Release waits for a lease to become free
+MAX_DETAILS = 65536  # leases one GetLeaseDetails may ask about
 
 
 class BusBackend(Protocol):
@@ -76,6 +75,8 @@ class BusBackend(Protocol):
     ) -> list[tuple[str, bool, str]]: ...
 
     async def reload_policy(self) -> None: ...
+
+    async def lease_details(self, leases: list[str]) -> dict[str, dict[str, tuple[str, Any]]]: ...
 
     async def map_dma(
         self, lease_id: str, memfd: int, offset: int, size: int, iova: int, options: Variants
@@ -317,11 +318,7 @@ class BusService:
 
     def _lease_view(self, lease: Lease) -> LeaseView:
         return LeaseView(
-            owner=lease.owner,
             uid=lease.caller.uid,
-            pid=lease.pid or 0,
-            unit=lease.caller.unit or "",
-            label=lease.label,
             devices=tuple(str(d) for d in lease.devices),
             groups=lease.group_nodes,
             backend=lease.backend.value,
@@ -379,16 +376,8 @@ class BusService:
         # the call (vfiod.bus.checked); the lease keeps a dup.
         parsed = acquire_options(options)
         credentials = await self.callers.of(sender)
+        # (The plan refused a grant with more fds than one reply carries.)
         grant = self.broker.acquire(credentials.caller, credentials.pid, sender, devices, parsed)
-        if len(grant.fds) > MAX_REPLY_FDS:
-            for fd in grant.fds.values():
-                os.close(fd)
-            self.broker.end(grant.lease, "too many fds for one reply", revoked=False)
-            raise InvalidArgument(
-                f"the lease would return {len(grant.fds)} fds, more than the "
-                f"{MAX_REPLY_FDS} one D-Bus reply can carry; ask with open-devices=false "
-                "and open the devices from the group fds"
-            )
         # The reply copies the fds when it is built, after we return; ours close then.
         loop = asyncio.get_running_loop()
         for fd in grant.fds.values():
@@ -436,6 +425,30 @@ class BusService:
         parsed = acquire_options(options, "CheckAccess")  # owner-pidfd borrowed, as in acquire
         credentials = await self.callers.of(get_current_message().sender)
         return self.broker.check_access(credentials.caller, devices, parsed)
+
+    async def lease_details(self, leases: list[str]) -> dict[str, dict[str, tuple[str, Any]]]:
+        """Who holds each lease, for the leases the caller may see: its own,
+        or all of them for root. The rest are left out, as are leases that
+        ended meanwhile."""
+        if len(leases) > MAX_DETAILS:
+            raise InvalidArgument(f"ask for at most {MAX_DETAILS} leases at a time")
+        credentials = await self.callers.of(get_current_message().sender)
+        details: dict[str, dict[str, tuple[str, Any]]] = {}
+        for path in leases:
+            lease = self.broker.leases.get(path.removeprefix(LEASE_PREFIX))
+            if lease is None or not path.startswith(LEASE_PREFIX):
+                continue
+            if credentials.caller.uid not in (0, lease.caller.uid):
+                continue
+            details[path] = {
+                "Owner": ("s", lease.owner),
+                "Pid": ("u", lease.pid or 0),
+                "OwnerPid": ("u", lease.owner_pid or 0),
+                "Unit": ("s", lease.caller.unit or ""),
+                "Label": ("s", lease.label),
+                "State": ("s", lease.state.value),
+            }
+        return details
 
     async def reload_policy(self) -> None:
         credentials = await self.callers.of(get_current_message().sender)
