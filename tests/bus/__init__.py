@@ -229,9 +229,12 @@ def _child_env(address: str | None, extra: Mapping[str, str]) -> dict[str, str]:
 class PrivateBus:
     """A running private dbus-daemon; see the module docstring."""
 
-    def __init__(self, directory: Path, service_dir: Path | None = None) -> None:
+    def __init__(
+        self, directory: Path, service_dir: Path | None = None, extra_config: str = ""
+    ) -> None:
         self.directory = directory
         self.service_dir = service_dir
+        self.extra_config = extra_config  # more <policy> elements, for a test's own services
         self.config_path = directory / "bus.conf"
         self.socket_path = directory / "bus.sock"
         self.log_path = directory / "dbus-daemon.log"
@@ -252,7 +255,8 @@ class PrivateBus:
                 policy=POLICY,
                 servicedir=(
                     f"  <servicedir>{self.service_dir}</servicedir>\n" if self.service_dir else ""
-                ),
+                )
+                + self.extra_config,
             ),
             encoding="utf-8",
         )
@@ -397,12 +401,14 @@ class PrivateBus:
 
 
 @contextlib.contextmanager
-def start_private_bus(directory: Path, service_dir: Path | None = None) -> Iterator[PrivateBus]:
+def start_private_bus(
+    directory: Path, service_dir: Path | None = None, extra_config: str = ""
+) -> Iterator[PrivateBus]:
     """Run a private system bus with its files in `directory` (created 0700
     if missing); stop it and close everything on the way out. With
     `service_dir`, the bus reads the activation files there (and would start
     their services when called: do not call them)."""
-    bus = PrivateBus(directory, service_dir)
+    bus = PrivateBus(directory, service_dir, extra_config)
     bus.start()
     try:
         yield bus

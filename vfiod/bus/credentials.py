@@ -27,7 +27,7 @@ from sdbus import (
     dbus_method_async,
     dbus_signal_async,
 )
-from sdbus.exceptions import SdBusBaseError
+from sdbus.exceptions import SdBusBaseError, SdBusUnmappedMessageError
 from sdbus.sd_bus_internals import SdBus
 
 from vfiod.errors import PermissionDenied
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
+_NO_SERVICE_MANAGER = "org.freedesktop.DBus.Error.ServiceUnknown"
 
 
 class BusDriver(DbusInterfaceCommonAsync, interface_name="org.freedesktop.DBus"):
@@ -57,7 +58,7 @@ class BusDriver(DbusInterfaceCommonAsync, interface_name="org.freedesktop.DBus")
 
 
 class SystemdManager(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Manager"):
-    @dbus_method_async(input_signature="u", result_signature="o")
+    @dbus_method_async(input_signature="u", result_signature="o", method_name="GetUnitByPID")
     async def get_unit_by_pid(self, pid: int) -> str:
         raise NotImplementedError  # answered by systemd
 
@@ -115,7 +116,19 @@ class SystemdUnits:
                 else await systemd_property(self.bus, path, f"{SYSTEMD}.{kind}", "Slice")
             )
         except SdBusBaseError as e:  # no systemd on this bus, or the process is in no unit
-            log.debug("systemd vouches for no unit of pid %d: %s", pid, e)
+            name = str(
+                e.args[0]
+                if isinstance(e, SdBusUnmappedMessageError) and e.args
+                else getattr(e, "dbus_error_name", "")
+            )
+            quiet = name in (_NO_SERVICE_MANAGER, f"{SYSTEMD}.NoUnitForPID")
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "systemd vouches for no unit of pid %d: %s %s",
+                pid,
+                type(e).__name__,
+                e,
+            )
             return None
         return VouchedUnit(unit, str(slice_))
 

@@ -307,7 +307,8 @@ def test_units_and_slices_count_only_when_systemd_vouches(ns: SystemdNamespace, 
 
         genuine_unit = in_unit(ns, ["--unit=dpdk-forwarder.service"])
         say(f"[vfiod-systemd] genuine unit: {genuine_unit}")
-        assert genuine_unit["allowed"] is True, genuine_unit
+        vfiod_log = "\n".join(e["MESSAGE"] for e in ns.journal("_SYSTEMD_UNIT=vfiod.service")[-20:])
+        assert genuine_unit["allowed"] is True, f"{genuine_unit}\nvfiod said:\n{vfiod_log}"
         assert genuine_unit["unit"] == "dpdk-forwarder.service"
         genuine_slice = in_unit(ns, ["--slice=machine.slice", "--unit=vm-1.service"])
         assert str(genuine_slice["cgroup"]).endswith("/machine.slice/vm-1.service")
