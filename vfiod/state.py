@@ -42,6 +42,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from vfiod.files import NotRegularError, TooLargeError, read_regular
 from vfiod.pci import AddressError, PciAddress
 from vfiod.vfio.abi import IommuType
 
@@ -528,31 +529,6 @@ def _decode(raw: object, problems: _Problems) -> State:
     return State(bindings, leases)
 
 
-def _kind(mode: int) -> str | None:
-    """What a file that is not a regular one is."""
-    kinds = (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    )
-    if stat.S_ISREG(mode):
-        return None
-    return next((name for test, name in kinds if test(mode)), "not a regular file")
-
-
-def _check_file(st: os.stat_result) -> None:
-    kind = _kind(st.st_mode)
-    if kind is not None:
-        raise _DamagedError(f"it is {kind}, not a regular file")
-    if st.st_size > MAX_SIZE:
-        raise _DamagedError(
-            f"it is {st.st_size} bytes, more than the {MAX_SIZE} a state file may be"
-        )
-
-
 def _unreadable(path: str, e: OSError) -> StateError:
     return StateError(
         e.errno or errno.EIO,
@@ -563,34 +539,21 @@ def _unreadable(path: str, e: OSError) -> StateError:
 
 def _read_bytes(path: str) -> bytes | None:
     """The file's bytes; None when there is no file. Nothing but a regular
-    file is opened (opening a FIFO blocks, a device node may act); O_NOFOLLOW
-    and the fstat catch one swapped in after the lstat."""
+    file is opened, and no symbolic link followed (vfiod.files)."""
     try:
-        _check_file(os.lstat(path))
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
+        return read_regular(path, MAX_SIZE, follow=False)
     except FileNotFoundError:
         return None
+    except NotRegularError as e:
+        raise _DamagedError(f"it is {e.kind}, not a regular file") from None
+    except TooLargeError as e:
+        raise _DamagedError(
+            f"it is {e.size} bytes, more than the {MAX_SIZE} a state file may be"
+        ) from None
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        if e.errno == errno.ELOOP:  # swapped for a link after the check
             raise _DamagedError("it is a symbolic link, not a regular file") from None
         raise _unreadable(path, e) from e
-    try:
-        _check_file(os.fstat(fd))
-        chunks = []
-        size = 0
-        while size <= MAX_SIZE:
-            chunk = os.read(fd, min(1 << 20, MAX_SIZE + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as e:
-        raise _unreadable(path, e) from e
-    finally:
-        os.close(fd)
-    if size > MAX_SIZE:
-        raise _DamagedError(f"it grew past the {MAX_SIZE} bytes a state file may be while read")
-    return b"".join(chunks)
 
 
 def _parse(data: bytes) -> object:

@@ -36,6 +36,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from vfiod.files import NotRegularError, TooLargeError, read_regular
 from vfiod.pci import AddressError, PciAddress
 from vfiod.policy.model import (
     BACKENDS,
@@ -1028,18 +1029,6 @@ def parse_policy(
 # Files
 
 
-# Never block (a FIFO), never become a terminal's controlling process.
-_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-_READ_CHUNK = 2**20
-_NOT_REGULAR: tuple[tuple[Callable[[int], bool], str], ...] = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
 def _is_dev_null(status: os.stat_result) -> bool:
     """Is this /dev/null (a mask, as in systemd)?"""
     if not stat.S_ISCHR(status.st_mode):
@@ -1069,62 +1058,37 @@ class _RefusedFileError(Exception):
     """A policy file that must not be used; the message says why and what to do."""
 
 
-def _check_file(path: str, status: os.stat_result) -> None:
-    """Raise _RefusedFileError unless the file with this status may be read."""
-    for test, kind in _NOT_REGULAR:
-        if test(status.st_mode):
-            link = f" (a symlink to {os.readlink(path)})" if os.path.islink(path) else ""
+def _trusted(path: str) -> Callable[[os.stat_result], None]:
+    def check(status: os.stat_result) -> None:
+        writers = _writers_besides_root(status)
+        if writers is not None:
             raise _RefusedFileError(
-                f"is {kind}{link}, not a regular file: vfiod reads policy only from regular "
-                "files; replace it with one, or remove it"
+                f"can be changed by {writers}, not only by root ({_ownership(status)}), so "
+                f"vfiod does not trust it: `chown root:root {path} && chmod go-w {path}`"
             )
-    if not stat.S_ISREG(status.st_mode):
-        raise _RefusedFileError("is not a regular file: replace it with one, or remove it")
-    writers = _writers_besides_root(status)
-    if writers is not None:
-        raise _RefusedFileError(
-            f"can be changed by {writers}, not only by root ({_ownership(status)}), so vfiod "
-            f"does not trust it: `chown root:root {path} && chmod go-w {path}`"
-        )
-    if status.st_size > MAX_FILE_SIZE:
-        raise _RefusedFileError(_too_large(status.st_size))
 
-
-def _too_large(size: int) -> str:
-    return (
-        f"is {size} bytes, more than the {MAX_FILE_SIZE // 2**20} MiB a policy file may hold: "
-        "split it into several files"
-    )
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    chunks = []
-    total = 0
-    while total < limit:
-        chunk = os.read(fd, min(limit - total, _READ_CHUNK))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
+    return check
 
 
 def _read_checked(path: str) -> Source | None:
     """A policy file's contents, None for a mask (/dev/null); raises
-    _RefusedFileError or OSError."""
-    status = os.stat(path)
-    if _is_dev_null(status):
+    _RefusedFileError or OSError. No device or FIFO is ever opened, and the
+    file read is the one checked (vfiod.files)."""
+    if _is_dev_null(os.stat(path)):
         return None
-    _check_file(path, status)  # before opening too: no device or FIFO is ever opened
-    fd = os.open(path, _OPEN_FLAGS)
     try:
-        _check_file(path, os.fstat(fd))  # the file opened counts, whatever the path is now
-        data = _read_at_most(fd, MAX_FILE_SIZE + 1)  # it may have grown since
-    finally:
-        os.close(fd)
-    if len(data) > MAX_FILE_SIZE:
-        raise _RefusedFileError(_too_large(len(data)))
-    return Source(path, data)
+        return Source(path, read_regular(path, MAX_FILE_SIZE, trust=_trusted(path)))
+    except NotRegularError as e:
+        link = f" (a symlink to {os.readlink(path)})" if os.path.islink(path) else ""
+        raise _RefusedFileError(
+            f"is {e.kind}{link}, not a regular file: vfiod reads policy only from regular "
+            "files; replace it with one, or remove it"
+        ) from None
+    except TooLargeError as e:
+        raise _RefusedFileError(
+            f"is {e.size} bytes, more than the {MAX_FILE_SIZE // 2**20} MiB a policy file may "
+            "hold: split it into several files"
+        ) from None
 
 
 def _read(path: str, problems: list[Problem]) -> Source | None:
