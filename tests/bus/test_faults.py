@@ -67,7 +67,7 @@ from typing import Any
 import pytest
 
 from tests.bus import NOBODY, PROJECT, PrivateBus, _child_env
-from tests.bus.vfiod import START_TIMEOUT, STOP_TIMEOUT, Clients, VfiodProcess
+from tests.bus.vfiod import KEEP_NOTICE, START_TIMEOUT, STOP_TIMEOUT, Clients, VfiodProcess
 from tests.fakehost import (
     E1000_A,
     E1000_B,
@@ -107,8 +107,12 @@ SETTLE_TIMEOUT = 5.0
 # SERVE_NOTIFY, but it outlives the daemon as systemd does: it keeps the fd
 # store across restarts and hands it (names and fds) to whoever connects to
 # its control socket, after reading every notice already sent.
-STORE = """\
+STORE = (
+    """\
 import json, os, select, socket, signal, sys
+"""
+    + KEEP_NOTICE
+    + """\
 notify_path, control_path, directory = sys.argv[1:4]
 for path in (notify_path, control_path):
     if os.path.exists(path):
@@ -128,23 +132,7 @@ def receive():
             data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 253)
         except BlockingIOError:
             return
-        lines = data.decode().splitlines()
-        with open(os.path.join(directory, "notices.log"), "a") as notices:
-            notices.write("".join(line + "\\n" for line in lines))
-        fields = dict(line.split("=", 1) for line in lines if "=" in line)
-        name = fields.get("FDNAME", "stored")
-        if fields.get("FDSTORE") == "1" and fds:
-            if name in store:
-                os.close(store.pop(name))
-            store[name] = fds.pop()
-        if fields.get("FDSTOREREMOVE") == "1" and name in store:
-            os.close(store.pop(name))
-        for fd in fds:
-            os.close(fd)
-        listing = os.path.join(directory, "fdstore.json")
-        with open(listing + ".new", "w") as f:
-            json.dump(sorted(store), f)
-        os.rename(listing + ".new", listing)  # whole, for the test reading it
+        keep(data, fds, store, directory)
 
 print("listening", flush=True)
 while True:
@@ -157,6 +145,7 @@ while True:
         socket.send_fds(connection, [json.dumps(names).encode()], [store[n] for n in names])
         connection.close()
 """
+)
 
 # What systemd does between fork and exec: the fd store's fds become 3, 4,
 # ... and LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID say so. Then the daemon.

@@ -41,6 +41,7 @@ from tests.bus.test_bus_policy import (
 )
 from tests.bus.vfiod import Clients, VfiodProcess
 from tests.fakehost import E1000_A, NIC, SATA
+from vfiod.bus.checked import complete_types
 from vfiod.client import Client
 
 POLICY = """
@@ -112,27 +113,6 @@ _FIXED = {
 }
 _ALIGN = {**{k: struct.calcsize(v) for k, v in _FIXED.items()}, "s": 4, "o": 4, "g": 1}
 _ALIGN |= {"a": 4, "(": 8, "{": 8, "v": 1}
-
-
-def complete_types(signature: str) -> list[str]:
-    """Split a signature into its complete types."""
-    types, i = [], 0
-    while i < len(signature):
-        start = i
-        while signature[i] == "a":
-            i += 1
-        if signature[i] in "({":
-            depth = 0
-            while True:
-                depth += signature[i] in "({"
-                depth -= signature[i] in ")}"
-                i += 1
-                if depth == 0:
-                    break
-        else:
-            i += 1
-        types.append(signature[start:i])
-    return types
 
 
 def _put(buffer: bytearray, kind: str, value: Any) -> None:

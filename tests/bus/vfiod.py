@@ -39,12 +39,40 @@ from vfiod.pci import PciAddress
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
+# What systemd does with one notice: the lines go to notices.log; FDSTORE=1
+# keeps the fds it carries under FDNAME (replacing), FDSTOREREMOVE=1 closes
+# them; the names in the store go to fdstore.json (whole, for the test
+# reading it). For the service managers below and tests/bus/test_faults.py.
+KEEP_NOTICE = """\
+def keep(data, fds, store, directory):
+    lines = data.decode().splitlines()
+    with open(os.path.join(directory, "notices.log"), "a") as notices:
+        notices.write("".join(line + "\\n" for line in lines))
+    fields = dict(line.split("=", 1) for line in lines if "=" in line)
+    name = fields.get("FDNAME", "stored")
+    if fields.get("FDSTORE") == "1" and fds:
+        if name in store:
+            os.close(store.pop(name))
+        store[name] = fds.pop()
+    if fields.get("FDSTOREREMOVE") == "1" and name in store:
+        os.close(store.pop(name))
+    for fd in fds:
+        os.close(fd)
+    listing = os.path.join(directory, "fdstore.json")
+    with open(listing + ".new", "w") as f:
+        json.dump(sorted(store), f)
+    os.rename(listing + ".new", listing)
+
+"""
+
 # The service manager's side of NOTIFY_SOCKET, as systemd does it where it
-# matters here: every line goes to notices.log; FDSTORE=1 keeps the fds it
-# carries under FDNAME (replacing), FDSTOREREMOVE=1 closes them; the names in
-# the store go to fdstore.json. Ends on SIGTERM, closing whatever it holds.
-SERVE_NOTIFY = """\
+# matters here (KEEP_NOTICE). Ends on SIGTERM, closing whatever it holds.
+SERVE_NOTIFY = (
+    """\
 import json, os, signal, socket, sys
+"""
+    + KEEP_NOTICE
+    + """\
 path, directory = sys.argv[1], sys.argv[2]
 if os.path.exists(path):
     os.unlink(path)
@@ -53,25 +81,11 @@ sock.bind(path)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 store = {}
 print("listening", flush=True)
-with open(os.path.join(directory, "notices.log"), "a") as notices:
-    while True:
-        data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 253)
-        lines = data.decode().splitlines()
-        notices.write("".join(line + "\\n" for line in lines))
-        notices.flush()
-        fields = dict(line.split("=", 1) for line in lines if "=" in line)
-        name = fields.get("FDNAME", "stored")
-        if fields.get("FDSTORE") == "1" and fds:
-            if name in store:
-                os.close(store.pop(name))
-            store[name] = fds.pop()
-        if fields.get("FDSTOREREMOVE") == "1" and name in store:
-            os.close(store.pop(name))
-        for fd in fds:
-            os.close(fd)
-        with open(os.path.join(directory, "fdstore.json"), "w") as f:
-            json.dump(sorted(store), f)
+while True:
+    data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 253)
+    keep(data, fds, store, directory)
 """
+)
 
 # Prepended to client snippets: the project's own client, as nobody.
 CLIENT = """\
