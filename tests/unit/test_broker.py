@@ -209,10 +209,15 @@ def test_group_stays_leased_while_the_client_holds_a_device_fd(world: World) -> 
 
 
 def test_second_caller_is_told_who_holds_the_group(world: World) -> None:
+    """The label to the holder's uid and root; the uid to anyone."""
     grant = world.acquire(label="win10")
     try:
         with pytest.raises(Busy) as busy:
             world.acquire(BOB)
+        assert f"leased to uid 1000 (lease {grant.lease.id})" in busy.value.message
+        assert "win10" not in busy.value.message
+        with pytest.raises(Busy) as busy:
+            world.acquire(ROOT)
         assert f"leased to win10 (uid 1000, lease {grant.lease.id})" in busy.value.message
     finally:
         close_all(grant.fds)
