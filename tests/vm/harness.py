@@ -7,6 +7,7 @@ XML through a directory shared read-write with the guest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -14,6 +15,7 @@ import re
 import select
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -157,9 +159,47 @@ def run_vm(
     argv += ["--exec", f"echo {GUEST_START}; {command}"]
     env = dict(os.environ)
     env["PATH"] = f"{Path(vng).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    try:
+        return run_supervised(argv, env=env, progress=progress, timeout=timeout)
+    finally:
+        disk.unlink(missing_ok=True)
+
+
+STOP_GRACE = 30.0  # seconds the supervisor gets to kill and reap the VM
+
+
+def processes_naming(path: Path) -> dict[int, str]:
+    """Processes with ``path`` in their arguments (a boot's vng and QEMU
+    name its shared directory): what is left of a boot that should be gone."""
+    found: dict[int, str] = {}
+    needle = os.fsencode(path)
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read()
+        except OSError:
+            continue
+        if needle in argv:
+            found[int(name)] = argv.replace(b"\0", b" ").decode(errors="replace")[:200]
+    return found
+
+
+def run_supervised(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    progress: Callable[[str], None] = lambda line: None,
+    timeout: float = BOOT_TIMEOUT,
+) -> VmRun:
+    """Run a VM boot (``argv``: vng and its arguments) under tests.vm.supervise,
+    in a session of its own: whatever happens here — the boot ends, times
+    out, the caller raises or is interrupted — no process of it survives;
+    and if this process is killed, the supervisor ends the VM itself."""
     started = time.monotonic()
     proc = subprocess.Popen(
-        argv,
+        [sys.executable, "-m", "tests.vm.supervise", "--", *argv],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -167,6 +207,7 @@ def run_vm(
         errors="replace",
         env=env,
         cwd=PROJECT,
+        start_new_session=True,  # a terminal's Ctrl-C reaches us, not the VM: we stop it
     )
     lines: list[str] = []
     assert proc.stdout is not None
@@ -186,16 +227,24 @@ def run_vm(
                 progress(line.rstrip("\n"))
             started_guest = started_guest or line.strip() == GUEST_START
         if proc.poll() is None and time.monotonic() >= deadline[0]:
-            proc.kill()
-            lines.append(f"\n[harness] VM killed after {time.monotonic() - started:.0f} s\n")
-        returncode = proc.wait(timeout=30)
+            lines.append(f"\n[harness] VM stopped after {time.monotonic() - started:.0f} s\n")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        returncode = _stop(proc)
         proc.stdout.close()
-        disk.unlink(missing_ok=True)
     return VmRun(returncode, "".join(lines), time.monotonic() - started)
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    """End the supervisor (which ends the VM) and reap it; its status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the session it leads
+    return proc.wait()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,107 @@
+"""The VM harness owns its VMs: whatever ends a boot — the guest powers off,
+the boot times out, the caller fails or is interrupted, pytest is killed —
+no process of it survives. Stand-in process trees take the VM's place: a
+background child, one in a session of its own (as QEMU would be if it left
+the group), one that ignores SIGTERM, and one left behind after the command
+itself ends (as QEMU outlives a killed vng)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.vm import harness
+
+# Each stand-in sleeps for a duration no other process on the machine uses.
+TREE = """\
+sleep {mark}1 &
+setsid sleep {mark}2 &
+(trap '' TERM; exec sleep {mark}3) &
+echo started
+{tail}
+"""
+
+
+def survivors(mark: str) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.startswith(mark.encode()) for arg in argv[1:]):
+            found.append(int(name))
+    return found
+
+
+def gone(mark: str, within: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + within
+    while (left := survivors(mark)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+@pytest.fixture
+def mark() -> str:
+    return f"4{os.getpid() % 1000:03d}{time.monotonic_ns() % 10**6:06d}.5"
+
+
+def tree(mark: str, tail: str) -> list[str]:
+    return ["/bin/sh", "-c", TREE.format(mark=mark, tail=tail)]
+
+
+def test_a_boot_that_times_out_leaves_nothing(mark: str) -> None:
+    run = harness.run_supervised(tree(mark, "wait"), timeout=2)
+    assert "started" in run.output
+    assert "[harness] VM stopped after" in run.output
+    assert gone(mark) == []
+
+
+def test_a_command_that_ends_takes_its_leftovers_along(mark: str) -> None:
+    run = harness.run_supervised(tree(mark, "exit 3"), timeout=60)
+    assert run.returncode == 3
+    assert run.seconds < 30
+    assert gone(mark) == []
+
+
+def test_a_caller_that_fails_or_is_interrupted_leaves_nothing(mark: str) -> None:
+    def interrupt(line: str) -> None:
+        raise KeyboardInterrupt
+
+    command = tree(mark, f"echo {harness.GUEST_START}; echo guest says hello; wait")
+    with pytest.raises(KeyboardInterrupt):
+        harness.run_supervised(command, progress=interrupt, timeout=60)
+    assert gone(mark) == []
+
+
+def test_a_killed_pytest_leaves_nothing(mark: str, tmp_path: Path) -> None:
+    """The harness's own process dies at once (SIGKILL): the supervisor hears
+    of its parent's death and ends the tree itself."""
+    started = tmp_path / "started"
+    code = (
+        "import sys\n"
+        "from tests.vm import harness\n"
+        "harness.run_supervised(sys.argv[1:], timeout=600, progress=lambda l: None)\n"
+    )
+    command = tree(mark, f"touch {started}; wait")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code, *command], cwd=harness.PROJECT, stdout=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() or len(survivors(mark)) < 3:
+            assert time.monotonic() < deadline, "the stand-in VM did not start"
+            time.sleep(0.05)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    assert gone(mark) == []
