@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.bus import python_view
+
 # The in-guest tests need a real kernel with VFIO; tests/vm/test_vm.py runs
 # them inside the test VM, where the harness sets VFIOD_GUEST.
 collect_ignore = [] if os.environ.get("VFIOD_GUEST") else ["vm/guest"]
@@ -33,6 +35,12 @@ def child_pids() -> set[int]:
         ):
             children.update(int(pid) for pid in f.read().split())
     return children
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _python_view() -> None:
+    """Opened once for the session, before any test counts its fds."""
+    python_view()
 
 
 @pytest.fixture(autouse=True)

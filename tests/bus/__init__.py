@@ -13,10 +13,12 @@ link without searching the private directories, and the socket itself is
 0777 as on the real system bus. So nothing on the machine is made more
 accessible than it was.
 
-Children as another uid run this venv's interpreter (`sys.executable`)
-under `setpriv`, with the checkout on PYTHONPATH and "/" as their working
-directory; the first run per uid checks that the uid can start it and
-import sdbus and vfiod, and says which path is not readable when it cannot.
+Children as another uid run this venv's interpreter and this checkout
+wherever they live, a 0700 home folder included: the same trick, O_PATH
+descriptors of Python's home, the venv's site-packages and the checkout,
+inherited and named /proc/self/fd/N (python_view). The first run per uid
+checks that the uid can start it and import sdbus and vfiod, and says what
+is not readable when it cannot.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -150,32 +153,79 @@ def require_tools() -> None:
     _tool("setpriv")
 
 
-def _not_reachable(path: Path) -> list[str]:
-    """The components of `path` that others may not search (or read, for the
-    last), for an error message."""
+class PythonView:
+    """How another uid runs this venv's Python with this checkout, wherever
+    they live (a 0700 home folder, a pyenv under /root): O_PATH descriptors
+    of Python's home, the venv's site-packages and the checkout, kept open
+    for the session and inherited by the child, which names them
+    /proc/self/fd/N. A path through such a link is not searched from /, so
+    only the three trees themselves must be readable by others, not the
+    folders they sit in."""
+
+    def __init__(self) -> None:
+        home = os.path.realpath(sys.base_prefix)
+        interpreter = os.path.realpath(sys.executable)
+        self.interpreter = os.path.relpath(interpreter, home)
+        if self.interpreter.startswith(".."):
+            raise RuntimeError(f"{interpreter} is not under Python's home {home}")
+        sites = dict.fromkeys(sysconfig.get_path(k) for k in ("purelib", "platlib"))
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+        self.home = os.open(home, flags)
+        self.paths = [os.open(d, flags) for d in (str(PROJECT), *sites)]
+        self.trees = (home, str(PROJECT), *sites)  # for messages
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return (self.home, *self.paths)
+
+    def argv(self, args: Sequence[str]) -> list[str]:
+        # -s: no user site directory, only the venv and this checkout.
+        return [f"/proc/self/fd/{self.home}/{self.interpreter}", "-s", *args]
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PYTHONHOME": f"/proc/self/fd/{self.home}",
+            # The checkout first, so the project imports whether or not it is installed.
+            "PYTHONPATH": ":".join(f"/proc/self/fd/{fd}" for fd in self.paths),
+        }
+
+
+@functools.cache
+def python_view() -> PythonView:
+    """The session's PythonView: opened on first use (tests/conftest.py
+    does that before any test, so its fds are no test's leak)."""
+    return PythonView()
+
+
+def _unreadable(tree: str) -> list[str]:
+    """Folders at or below ``tree`` that others may not search (their files
+    others may not read), for an error message; only the first few."""
     bad: list[str] = []
-    parts = [*reversed(path.parents), path]
-    for i, part in enumerate(parts):
-        try:
-            mode = part.stat().st_mode
-        except OSError as e:
-            bad.append(f"{part} ({e.strerror})")
-            continue
-        need = stat.S_IROTH if i == len(parts) - 1 and not stat.S_ISDIR(mode) else stat.S_IXOTH
-        if not mode & need:
-            bad.append(f"{part} (mode {stat.filemode(mode)})")
+    for directory, subdirs, files in os.walk(tree):
+        for name in (directory, *(os.path.join(directory, f) for f in files)):
+            try:
+                mode = os.lstat(name).st_mode
+            except OSError:
+                continue
+            need = stat.S_IXOTH if stat.S_ISDIR(mode) else stat.S_IROTH
+            if not stat.S_ISLNK(mode) and not mode & need:
+                bad.append(f"{name} (mode {stat.filemode(mode)})")
+        subdirs[:] = [d for d in subdirs if d not in ("__pycache__", ".git", "build")]
+        if len(bad) >= 5:
+            break
     return bad
 
 
 @functools.cache
-def _check_runnable(python: str, uid: int, gid: int) -> None:
-    """Fail clearly when `uid` cannot run the interpreter or import the
-    project and sdbus from this checkout; once per interpreter and uid."""
+def _check_runnable(uid: int, gid: int) -> None:
+    """Fail clearly when `uid` cannot run this Python or import the project
+    and sdbus from this checkout; once per uid."""
     probe = "import sys, sdbus, vfiod; print('%d.%d' % sys.version_info[:2])"
     result = subprocess.run(
-        _setpriv_argv(uid, gid, python, ["-c", probe]),
-        env=_child_env(None, {}),
+        _setpriv_argv(uid, gid, ["-c", probe]),
+        env=_other_uid_env(None, {}),
         cwd="/",
+        pass_fds=python_view().fds,
         capture_output=True,
         text=True,
         check=False,
@@ -183,35 +233,31 @@ def _check_runnable(python: str, uid: int, gid: int) -> None:
     )
     ours = "{}.{}".format(*sys.version_info[:2])
     if result.returncode == 0 and result.stdout.strip() != ours:
-        raise AssertionError(
-            f"uid {uid} runs {python} as Python {result.stdout.strip()}, this is {ours}"
-        )
+        raise AssertionError(f"uid {uid} runs Python {result.stdout.strip()}, this is {ours}")
     if result.returncode != 0:
-        unreachable = _not_reachable(Path(python).resolve()) + _not_reachable(
-            PROJECT / "vfiod" / "__init__.py"
-        )
+        unreadable = [bad for tree in python_view().trees for bad in _unreadable(tree)]
         raise AssertionError(
-            f"uid {uid} cannot run {python} with this checkout "
+            f"uid {uid} cannot run this Python with this checkout "
             f"(exit {result.returncode}): {result.stderr.strip()}\n"
-            f"not reachable by others: {', '.join(unreachable) or 'nothing found'}"
+            f"not readable by others: {', '.join(unreadable[:5]) or 'nothing found'}"
         )
 
 
-def _setpriv_argv(uid: int, gid: int, python: str, args: Sequence[str]) -> list[str]:
-    # -s: no user site directory, only the venv and this checkout.
+def _setpriv_argv(uid: int, gid: int, args: Sequence[str]) -> list[str]:
+    """This Python, as ``uid`` with no supplementary groups: the child needs
+    python_view().fds (in pass_fds) and _child_env's environment."""
     return [
         _tool("setpriv"),
         f"--reuid={uid}",
         f"--regid={gid}",
         "--clear-groups",
         "--",
-        python,
-        "-s",
-        *args,
+        *python_view().argv(args),
     ]
 
 
 def _child_env(address: str | None, extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a child of ours as root (this venv's interpreter)."""
     env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         "LANG": "C.UTF-8",
@@ -224,6 +270,11 @@ def _child_env(address: str | None, extra: Mapping[str, str]) -> dict[str, str]:
         env[ADDRESS_VARIABLE] = address
     env.update(extra)
     return env
+
+
+def _other_uid_env(address: str | None, extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a child as another uid (_setpriv_argv, python_view().fds)."""
+    return _child_env(address, {**python_view().env(), **extra})
 
 
 class PrivateBus:
@@ -358,7 +409,8 @@ class PrivateBus:
 
     @property
     def child_fds(self) -> tuple[int, ...]:
-        return (self._socket_fd,)
+        """What a child as another uid inherits: the bus socket and python_view()."""
+        return (self._socket_fd, *python_view().fds)
 
     def run_as(
         self,
@@ -380,15 +432,15 @@ class PrivateBus:
         if (code is None) == (module is None):
             raise ValueError("give either code or module")
         gid = uid if gid is None else gid
-        _check_runnable(sys.executable, uid, gid)
+        _check_runnable(uid, gid)
         if code is not None:
             what = ["-c", code]
         else:
             assert module is not None
             what = ["-m", module]
         result = subprocess.run(
-            _setpriv_argv(uid, gid, sys.executable, [*what, *args]),
-            env=_child_env(self.child_address, env or {}),
+            _setpriv_argv(uid, gid, [*what, *args]),
+            env=_other_uid_env(self.child_address, env or {}),
             cwd="/",
             pass_fds=self.child_fds,
             stdin=subprocess.DEVNULL,

@@ -31,6 +31,7 @@ from tests.bus import (
     PrivateBus,
     _check_runnable,
     _child_env,
+    _other_uid_env,
     _setpriv_argv,
 )
 from vfiod.host.sysfs import Sysfs
@@ -346,10 +347,10 @@ class Clients:
         return json.loads(result.stdout.splitlines()[-1])
 
     def spawn(self, code: str, *args: str) -> Spawned:
-        _check_runnable(sys.executable, self.uid, self.uid)
+        _check_runnable(self.uid, self.uid)
         process = subprocess.Popen(
-            _setpriv_argv(self.uid, self.uid, sys.executable, ["-c", CLIENT + code, *args]),
-            env=_child_env(self.bus.child_address, {}),
+            _setpriv_argv(self.uid, self.uid, ["-c", CLIENT + code, *args]),
+            env=_other_uid_env(self.bus.child_address, {}),
             cwd="/",
             pass_fds=self.bus.child_fds,
             stdin=subprocess.PIPE,

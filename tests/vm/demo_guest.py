@@ -38,6 +38,8 @@ from tests.bus import (
     PROJECT,
     PrivateBus,
     _child_env,
+    _other_uid_env,
+    python_view,
     start_private_bus,
 )
 from tests.bus.vfiod import VfiodProcess
@@ -194,18 +196,15 @@ class Shell:
     def _popen(self, words: Sequence[str], nobody: bool, **how: Any) -> subprocess.Popen[str]:
         """``words`` as typed (vfioctl, vfiod, or another program), started
         as root or nobody, on the private bus."""
-        python = [sys.executable, "-s", *python_options()]
-        if words[0] == "vfioctl":
-            argv = [*python, "-m", "vfiod.cli", *words[1:]]
-        elif words[0] == "vfiod":
-            argv = [*python, "-m", "vfiod", *words[1:]]
-        else:
-            argv = list(words)
+        ours = words[0] in ("vfioctl", "vfiod")
+        module = "vfiod.cli" if words[0] == "vfioctl" else "vfiod"
+        python = [*python_options(), "-m", module, *words[1:]]
         if nobody:
-            argv = privilege_drop(NOBODY) + argv
-            env = _child_env(self.bus.child_address, {})
+            argv = privilege_drop(NOBODY) + (python_view().argv(python) if ours else list(words))
+            env = _other_uid_env(self.bus.child_address, {})
             fds = self.bus.child_fds
         else:
+            argv = [sys.executable, "-s", *python] if ours else list(words)
             env = _child_env(self.bus.address, {})
             if sys.pycache_prefix:
                 del env["PYTHONDONTWRITEBYTECODE"]  # root fills the cache; nobody reads it
