@@ -30,8 +30,7 @@ def test_a_checkout_in_a_private_folder_with_a_space(tmp_path: Path) -> None:
         ignore=shutil.ignore_patterns(".git", ".venv", "build", "__pycache__", "*.egg-info"),
     )
     hidden = subprocess.run(
-        [_tool("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
-        + ["ls", str(copy)],
+        [_tool("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--", "ls", str(copy)],
         capture_output=True,
         text=True,
         check=False,
