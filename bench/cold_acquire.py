@@ -30,8 +30,10 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -121,10 +123,21 @@ def run(
     kernel = harness.kernel_for(KernelKind.STOCK)
     harness.vng_path()  # raises NotInstalledError with what to install
     SHARED.mkdir(parents=True, exist_ok=True)
-    out = SHARED / "result.json"
-    stats = SHARED / "vfiod.prof"
-    for stale in (out, stats):
-        stale.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vfiod-bench-", dir=harness.SCRATCH) as scratch:
+        return _run(Path(scratch), kernel, rounds, warmup, profile, progress)
+
+
+def _run(
+    shared: Path,
+    kernel: Path,
+    rounds: int,
+    warmup: int,
+    profile: bool,
+    progress: Callable[[str], None],
+) -> Figures:
+    """The boot, with ``shared`` shared with the guest; what it leaves goes to SHARED."""
+    out = shared / "result.json"
+    stats = shared / "vfiod.prof"
     guest = [sys.executable, "-m", "bench.cold_acquire_guest"]
     guest += ["--rounds", str(rounds), "--warmup", str(warmup), "--out", str(out)]
     if profile:
@@ -150,11 +163,13 @@ def run(
         kernel,
         IOMMU,
         command,
-        shared_dir=SHARED,
+        shared_dir=shared,
         progress=on_line,
         timeout=600 + 60 * (rounds + warmup),
     )
     (SHARED / "console.log").write_text(vm.output)
+    if stats.exists():
+        shutil.copyfile(stats, SHARED / "vfiod.prof")
     if vm.returncode != 0 or not out.exists():
         stalled = (
             " The guest's CPUs stalled (RCU stall warnings): QEMU got no host CPU for "

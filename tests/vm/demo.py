@@ -85,7 +85,10 @@ def main() -> int:
         f"PYTHONPYCACHEPREFIX={GUEST_PYCACHE} VFIOD_VM_KERNEL={kind} "
         f"{shlex.quote(sys.executable)} -m tests.vm.demo_guest"
     )
-    with tempfile.TemporaryDirectory(prefix="vfiod-demo-") as shared, BootProgress() as progress:
+    with (
+        tempfile.TemporaryDirectory(prefix="vfiod-demo-", dir=harness.SCRATCH) as shared,
+        BootProgress() as progress,
+    ):
         run = harness.run_vm(
             kernel, IOMMU, command, shared_dir=Path(shared), progress=progress.line
         )

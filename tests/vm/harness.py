@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -30,6 +31,10 @@ PROJECT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vfiod"
 DISK_SIZE = 64 << 20
 BOOT_TIMEOUT = 900  # seconds for boot plus all guest tests of one boot, under TCG
+# Where a boot's shared directory is made: a path virtme-ng can take (it
+# hands --rwdir and the kernel's path to a shell unquoted, so the checkout's
+# path, which may hold a space, will not do).
+SCRATCH = "/tmp"
 
 HOW_TO_GET_TEST_KERNEL = (
     "the no-IOMMU/iommufd tests need a kernel with CONFIG_VFIO_NOIOMMU, CONFIG_IOMMUFD "
@@ -135,8 +140,16 @@ def run_vm(
     memory: str = "1G",
 ) -> VmRun:
     """Boot ``kernel`` on ``topology`` and run ``command`` (a shell line) as root
-    in the guest; ``shared_dir`` is writable from inside."""
+    in the guest; ``shared_dir`` is writable from inside (make it in SCRATCH:
+    virtme-ng takes no whitespace in its path)."""
     vng = vng_path()
+    if any(c.isspace() for c in str(shared_dir)):
+        raise ValueError(f"virtme-ng cannot share {shared_dir!r} (whitespace): use {SCRATCH}")
+    if any(c.isspace() for c in str(kernel)):  # as for the shared directory
+        link = shared_dir / "vmlinuz"
+        link.unlink(missing_ok=True)
+        link.symlink_to(kernel)
+        kernel = link
     disk = shared_dir / "disk.img"
     with open(disk, "wb") as f:
         f.truncate(DISK_SIZE)  # sparse and blank at every boot
@@ -310,19 +323,25 @@ class BootResult:
 def run_boot(
     boot: Boot, results: Path, progress: Callable[[str], None] = lambda line: None
 ) -> BootResult:
+    """One boot; its JUnit XML and console log land in ``results``."""
     kernel = kernel_for(boot.kernel)
     results.mkdir(parents=True, exist_ok=True)
-    junit = results / "junit.xml"
-    junit.unlink(missing_ok=True)
+    for old in ("junit.xml", "console.log"):
+        (results / old).unlink(missing_ok=True)
     progress(f"[vm {boot.name}] booting {kernel.name} on {boot.topology.name} under QEMU TCG")
-    run = run_vm(
-        kernel,
-        boot.topology,
-        guest_command(boot, results),
-        shared_dir=results,
-        progress=lambda line: progress(f"[vm {boot.name}] {line}"),
-    )
+    with tempfile.TemporaryDirectory(prefix=f"vfiod-vm-{boot.name}-", dir=SCRATCH) as scratch:
+        shared = Path(scratch)
+        run = run_vm(
+            kernel,
+            boot.topology,
+            guest_command(boot, shared),
+            shared_dir=shared,
+            progress=lambda line: progress(f"[vm {boot.name}] {line}"),
+        )
+        junit = shared / "junit.xml"
+        tests = parse_junit(junit) if junit.exists() else []
+        if junit.exists():
+            shutil.copyfile(junit, results / "junit.xml")
     (results / "console.log").write_text(run.output)
-    tests = parse_junit(junit) if junit.exists() else []
     progress(f"[vm {boot.name}] done in {run.seconds:.0f} s: {len(tests)} guest tests")
     return BootResult(boot, kernel, run, tests)

@@ -27,7 +27,7 @@ def test_guest(boot: Boot, capsys: pytest.CaptureFixture[str]) -> None:
             print(line, flush=True)
 
     result = harness.run_boot(boot, RESULTS / boot.name, progress)
-    left = harness.processes_naming(RESULTS / boot.name)
+    left = harness.processes_naming(Path(harness.SCRATCH) / f"vfiod-vm-{boot.name}-")
     assert not left, f"processes of the {boot.name} boot outlived it: {left}"
     if not result.tests:
         pytest.fail(
