@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import os
 import re
 import select
@@ -31,6 +32,14 @@ PROJECT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vfiod"
 DISK_SIZE = 64 << 20
 BOOT_TIMEOUT = 900  # seconds for boot plus all guest tests of one boot, under TCG
+# What `make install` is staged from, and where the staged trees are kept
+# (one per state of the sources): the systemd tests run vfiod as installed.
+INSTALLED_FROM = ("vfiod", "systemd", "dbus", "policy", "Makefile", "setup.cfg", "pyproject.toml")
+INSTALLS = PROJECT / "build/vm-install"
+INSTALL_PREFIX = "/usr/local"
+# The interpreter the installed venv is made from: the system's own, which
+# the unit's ProtectHome=yes cannot hide (unlike, say, a pyenv in /root).
+SYSTEM_PYTHON = "/usr/bin/python3"
 # Where a boot's shared directory is made: a path virtme-ng can take (it
 # hands --rwdir and the kernel's path to a shell unquoted, so the checkout's
 # path, which may hold a space, will not do).
@@ -260,6 +269,50 @@ def _stop(proc: subprocess.Popen[str]) -> int:
     return proc.wait()
 
 
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    for top in INSTALLED_FROM:
+        path = PROJECT / top
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if "__pycache__" not in file.parts:
+                digest.update(str(file.relative_to(PROJECT)).encode() + b"\0")
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def installed_tree(progress: Callable[[str], None] = lambda line: None) -> Path:
+    """This checkout as `make install DESTDIR=... PREFIX=/usr/local` puts it,
+    staged once per state of its sources (a venv with vfiod and its
+    dependencies from PyPI, built from the system's Python; the files
+    systemd and D-Bus read)."""
+    if not Path(SYSTEM_PYTHON).exists():
+        raise NotInstalledError(f"{SYSTEM_PYTHON} is missing: apt-get install python3-venv")
+    tree = INSTALLS / _sources_digest()
+    if (tree / INSTALL_PREFIX.lstrip("/") / "bin/vfiod").exists():
+        return tree
+    progress(f"[vm] make install into {tree.relative_to(PROJECT)} (about a minute, once)")
+    INSTALLS.mkdir(parents=True, exist_ok=True)
+    for old in INSTALLS.iterdir():
+        shutil.rmtree(old, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix="staging-", dir=INSTALLS))
+    make = ["make", "-s", "install", f"DESTDIR={staging}", f"PREFIX={INSTALL_PREFIX}"]
+    result = subprocess.run(
+        [*make, f"PYTHON={SYSTEM_PYTHON}"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if result.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(f"make install failed:\n{result.stdout}{result.stderr}")
+    staging.chmod(0o755)
+    staging.rename(tree)
+    return tree
+
+
 @dataclasses.dataclass(frozen=True)
 class GuestTest:
     name: str
@@ -283,8 +336,10 @@ def parse_junit(path: Path) -> list[GuestTest]:
     return results
 
 
-def guest_command(boot: Boot, results: Path) -> str:
-    """The shell line the guest runs: the boot's guest tests with our venv."""
+def guest_command(boot: Boot, results: Path, installed: Path | None = None) -> str:
+    """The shell line the guest runs: the boot's guest tests with our venv
+    (``installed``: where installed_tree staged vfiod, for the tests that
+    run it as installed)."""
     tests = [f"{GUEST_DIR}/{t}" for t in boot.tests]
     pytest = [
         sys.executable,
@@ -305,6 +360,8 @@ def guest_command(boot: Boot, results: Path) -> str:
         "VFIOD_VM_TOPOLOGY": boot.topology.name,
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+    if installed is not None:
+        env["VFIOD_INSTALLED"] = str(installed)
     assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     return f"cd {shlex.quote(str(PROJECT))} && env {assignments} {shlex.join(pytest)}"
 
@@ -328,13 +385,14 @@ def run_boot(
     results.mkdir(parents=True, exist_ok=True)
     for old in ("junit.xml", "console.log"):
         (results / old).unlink(missing_ok=True)
+    installed = installed_tree(progress) if boot.installed else None
     progress(f"[vm {boot.name}] booting {kernel.name} on {boot.topology.name} under QEMU TCG")
     with tempfile.TemporaryDirectory(prefix=f"vfiod-vm-{boot.name}-", dir=SCRATCH) as scratch:
         shared = Path(scratch)
         run = run_vm(
             kernel,
             boot.topology,
-            guest_command(boot, shared),
+            guest_command(boot, shared, installed),
             shared_dir=shared,
             progress=lambda line: progress(f"[vm {boot.name}] {line}"),
         )

@@ -8,6 +8,8 @@ other files (bus policy, activation files) are put in place through
 overlays that exist only in the namespace's mount namespace, so the
 machine's own files never change. /etc and /var are overlaid as a whole:
 whatever the namespace's services write there stays in the namespace.
+`binds` puts whole directories from outside in place (bind mounts in the
+namespace only): an installed tree, say.
 
     with SystemdNamespace(units={"x.service": UNIT}, files={path: text}) as ns:
         ns.systemctl("start", "x.service")
@@ -262,6 +264,7 @@ class SystemdNamespace:
         units: Mapping[str, str] | None = None,
         files: Mapping[str, str | bytes] | None = None,
         *,
+        binds: Mapping[str, str] | None = None,
         mask: Iterable[str] = (),
         target: str | None = None,
         share_udev: bool = True,
@@ -273,6 +276,7 @@ class SystemdNamespace:
     ) -> None:
         self.units = dict(units or {})
         self.files = dict(files or {})
+        self.binds = dict(binds or {})  # path in the namespace -> directory outside
         self.mask = set(mask) | set(MASKED) | (set(UDEV_UNITS) if share_udev else set())
         self.mask.add("systemd-udev-trigger.service")  # never re-add every device
         self.target = target or TARGET
@@ -355,7 +359,7 @@ class SystemdNamespace:
         root = self.workdir / "root"
         for made in (overlay_area, udev, root):
             made.mkdir()
-        mounts = {*_mount_points(), "/proc", "/dev/console", *writable, "/run/udev"}
+        mounts = {*_mount_points(), "/proc", "/dev/console", *writable, "/run/udev", *self.binds}
         mounts |= {str(overlay_area)}
         for where in sorted(mounts):
             drop_in = f"{UNIT_DIR}/{_mount_unit(where)}.d/50-vfiod-test.conf"
@@ -386,6 +390,8 @@ class SystemdNamespace:
         for directory, (upper, work) in zip(overlays, layers, strict=True):
             options = f"lowerdir={directory},upperdir={upper},workdir={work}"
             lines.append(f"mount -t overlay vfiod-ns-overlay -o {q(options)} {q(directory)}")
+        # Before /tmp is covered: a source may be in the machine's /tmp.
+        lines += [f"mount --bind {q(src)} {q(dst)}" for dst, src in sorted(self.binds.items())]
         if self.share_udev:  # taken before /run is covered, moved back after
             lines.append(
                 "udev=no; if [ -d /run/udev ]; then mount --bind /run/udev udev; udev=yes; fi"

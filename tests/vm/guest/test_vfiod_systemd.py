@@ -1,8 +1,10 @@
 """vfiod under real systemd (PID 1 of a private namespace in the test VM,
-tests/vm/systemd_ns.py), with the project's own unit, bus policy and
-activation file: started by D-Bus activation, a lease kept across `systemctl
-restart` and across SIGKILL (the fd store), policy re-read by `systemctl
-reload`, devices given back by `systemctl stop`, audit entries in the journal.
+tests/vm/systemd_ns.py), as `make install` installs it — its unit, bus policy,
+activation file and venv, staged by the harness (tests/vm/harness.py,
+installed_tree) and put in place in the namespace only: started by D-Bus
+activation, a lease kept across `systemctl restart` and across SIGKILL (the
+fd store), policy re-read by `systemctl reload`, devices given back by
+`systemctl stop`, audit entries in the journal.
 
 One systemd serves the module; the tests run in file order and build on
 each other (a lease made in one is checked in the next).
@@ -11,19 +13,28 @@ each other (a lease made in one is checked in the next).
 from __future__ import annotations
 
 import json
-import sys
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.vm.harness import INSTALL_PREFIX
 from tests.vm.systemd_ns import SystemdNamespace
 from tests.vm.topology import E1000E
 from vfiod.broker import MESSAGE_GRANTED, MESSAGE_REVOKED
 
-PROJECT = Path(__file__).resolve().parents[3]
-BINDIR = str(Path(sys.executable).parent)  # the project's venv: vfiod and vfioctl
 NOBODY = 65534
+# The installed venv's interpreter: clients here import the installed vfiod.
+PYTHON = f"{INSTALL_PREFIX}/lib/vfiod/venv/bin/python"
+# What of the staged tree the namespace needs besides INSTALL_PREFIX itself.
+SYSTEM_FILES = (
+    "/usr/lib/systemd/system/vfiod.service",
+    "/usr/share/dbus-1/system.d/org.vfiod1.conf",
+    "/usr/share/dbus-1/system-services/org.vfiod1.service",
+    "/usr/lib/tmpfiles.d/vfiod.conf",
+    "/usr/lib/vfiod/vfiod.toml",
+)
 
 POLICY = f"""
 [[rule]]
@@ -36,16 +47,11 @@ max-locked-memory = "64M"
 """
 
 
-def rendered(path: str) -> str:
-    """A .in file as `make install` renders it, naming this venv's commands."""
-    return (PROJECT / path).read_text().replace("@BINDIR@", BINDIR)
-
-
-def unit_drop_in() -> str:
-    """The installed vfiod runs /usr/bin/python3; this one runs the venv's
-    interpreter, which may live under /root (pyenv): ProtectHome=yes would
-    hide it, read-only does not."""
-    return "[Service]\nProtectHome=read-only\n"
+def installed() -> Path:
+    tree = os.environ.get("VFIOD_INSTALLED")
+    if not tree:
+        pytest.fail("VFIOD_INSTALLED is not set: run this through tests/vm/test_vm.py")
+    return Path(tree)
 
 
 Say = Callable[[str], None]
@@ -64,18 +70,12 @@ def say(pytestconfig: pytest.Config) -> Say:
 
 @pytest.fixture(scope="module")
 def ns(say: Say) -> Iterator[SystemdNamespace]:
+    tree = installed()
+    files: dict[str, str | bytes] = {f: (tree / f.lstrip("/")).read_bytes() for f in SYSTEM_FILES}
+    files["/etc/vfiod/policy.d/50-test.toml"] = POLICY
     with SystemdNamespace(
-        units={
-            "vfiod.service": rendered("systemd/vfiod.service.in"),
-            "vfiod.service.d/50-test.conf": unit_drop_in(),
-        },
-        files={
-            "/usr/share/dbus-1/system.d/org.vfiod1.conf": rendered("dbus/org.vfiod1.conf"),
-            "/usr/share/dbus-1/system-services/org.vfiod1.service": rendered(
-                "dbus/org.vfiod1.service.in"
-            ),
-            "/etc/vfiod/policy.d/50-test.toml": POLICY,
-        },
+        files=files,
+        binds={INSTALL_PREFIX: str(tree / INSTALL_PREFIX.lstrip("/"))},
         progress=say,
     ) as namespace:
         yield namespace
@@ -91,7 +91,7 @@ def as_nobody(ns: SystemdNamespace, code: str, *args: str, timeout: float = 150)
         "vfiod = Client()\n"
     )
     argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
-    argv += [sys.executable, "-c", prelude + code, *args]
+    argv += [PYTHON, "-c", prelude + code, *args]
     result = ns.run(argv, timeout=timeout)
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -149,6 +149,23 @@ print(json.dumps({"lease": lease.path, "sleep": child.pid}))
     assert int(ns.show("vfiod.service", "NFileDescriptorStore")["NFileDescriptorStore"]) == 3
 
 
+def test_the_installed_vfiod_is_what_runs(ns: SystemdNamespace) -> None:
+    """The unit systemd runs is the one `make install` installed, and its
+    vfiod the installed one, not this checkout."""
+    props = ns.show("vfiod.service", "FragmentPath", "MainPID")
+    assert props["FragmentPath"].endswith("lib/systemd/system/vfiod.service")  # merged /usr
+    unit = ns.path(props["FragmentPath"]).read_bytes()
+    assert unit == (installed() / "usr/lib/systemd/system/vfiod.service").read_bytes()
+    process = ns.path(f"/proc/{props['MainPID']}")  # its pid in the namespace
+    command = (process / "cmdline").read_bytes().split(b"\0")
+    assert command[1].decode() == f"{INSTALL_PREFIX}/bin/vfiod", command
+    exe = os.readlink(process / "exe")
+    assert not exe.startswith(str(installed())), "the venv's python links to the system's"
+    maps = (process / "maps").read_text()
+    assert "sd_bus_internals" in maps
+    assert str(Path(__file__).resolve().parents[3]) not in maps, "vfiod runs from the checkout"
+
+
 def test_restart_keeps_the_lease(ns: SystemdNamespace) -> None:
     (before,) = leases(ns)
     pid = ns.main_pid("vfiod.service")
@@ -204,10 +221,11 @@ slices = ["machine.slice"]
 managed = true
 """
 
-# As nobody in a unit systemd-run makes (see IN_UNIT_AS_NOBODY): optionally
-# make cgroups named like system units in the unit's delegated subtree and
-# move in; ask; give back what was granted.
-OWN_CGROUP = """\
+# As nobody in a unit systemd-run makes: optionally make cgroups named like
+# system units in the unit's delegated subtree (systemd hands it to the
+# unit's user) and move in; ask; give back what was granted. No "$" here:
+# systemd expands it in a unit's command line.
+ASK_IN_UNIT = """\
 import json, os, sys
 
 def own_cgroup():  # the directory, whatever the cgroup namespace shows
@@ -222,10 +240,6 @@ def own_cgroup():  # the directory, whatever the cgroup namespace shows
                 pass
     raise SystemExit("no cgroup of mine")
 
-"""
-ASK_IN_UNIT = (
-    OWN_CGROUP
-    + """\
 spoof = sys.argv[2:]
 if spoof:
     path = own_cgroup()
@@ -250,37 +264,16 @@ else:
 out.update(cgroup=cgroup, allowed=check.allowed, reason=check.reason)
 print(json.dumps(out))
 """
-)
-
-
-# The unit's main process starts as root; with DELEGATE=yes it hands the
-# unit's delegated cgroup to nobody, as systemd does for a delegate with
-# User=; then it becomes nobody. (systemd cannot exec this checkout's
-# interpreter as nobody where it lives under a home folder only root may
-# search; setpriv can, as the other clients here show. No "$" in these
-# snippets: systemd expands it in a unit's command line.)
-AS_NOBODY_IN_UNIT = (
-    OWN_CGROUP
-    + """\
-if os.environ.get("DELEGATE") == "yes":
-    mine = own_cgroup()
-    for name in ("", "/cgroup.procs", "/cgroup.subtree_control", "/cgroup.threads"):
-        os.chown(mine + name, 65534, 65534)
-nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
-os.execvp("setpriv", nobody + sys.argv[1:])
-"""
-)
 
 
 def in_unit(
     ns: SystemdNamespace, run_options: list[str], *spoof: str, delegate: bool = False
 ) -> dict[str, object]:
-    """ASK_IN_UNIT as nobody in a transient unit of the namespace's systemd."""
-    argv = ["systemd-run", "--quiet", "--wait", "--pipe", *run_options]
-    if delegate:
-        argv += ["-p", "Delegate=yes", "--setenv=DELEGATE=yes"]
-    argv += ["--", sys.executable, "-c", AS_NOBODY_IN_UNIT]
-    argv += [sys.executable, "-c", ASK_IN_UNIT, E1000E, *spoof]
+    """ASK_IN_UNIT as nobody in a transient unit of the namespace's systemd,
+    with the installed vfiod's interpreter."""
+    argv = ["systemd-run", "--quiet", "--wait", "--pipe", f"--uid={NOBODY}", f"--gid={NOBODY}"]
+    argv += [*run_options, *(["-p", "Delegate=yes"] if delegate else [])]
+    argv += ["--", PYTHON, "-c", ASK_IN_UNIT, E1000E, *spoof]
     result = ns.run(argv, timeout=180)
     out = json.loads(result.stdout.splitlines()[-1])
     assert isinstance(out, dict)
