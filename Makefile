@@ -62,29 +62,30 @@ demo: deps venv
 install: install-files install-venv
 
 install-files:
-	install -Dm644 dbus/org.vfiod1.conf $(DESTDIR)/usr/share/dbus-1/system.d/org.vfiod1.conf
+	install -Dm644 dbus/org.vfiod1.conf "$(DESTDIR)/usr/share/dbus-1/system.d/org.vfiod1.conf"
 	sed 's|@BINDIR@|$(BINDIR)|g' dbus/org.vfiod1.service.in > build-activation.tmp
-	install -Dm644 build-activation.tmp $(DESTDIR)/usr/share/dbus-1/system-services/org.vfiod1.service
+	install -Dm644 build-activation.tmp "$(DESTDIR)/usr/share/dbus-1/system-services/org.vfiod1.service"
 	sed 's|@BINDIR@|$(BINDIR)|g' systemd/vfiod.service.in > build-unit.tmp
-	install -Dm644 build-unit.tmp $(DESTDIR)/usr/lib/systemd/system/vfiod.service
+	install -Dm644 build-unit.tmp "$(DESTDIR)/usr/lib/systemd/system/vfiod.service"
 	rm -f build-activation.tmp build-unit.tmp
-	install -Dm644 systemd/vfiod.tmpfiles $(DESTDIR)/usr/lib/tmpfiles.d/vfiod.conf
-	install -Dm644 systemd/70-vfiod.rules $(DESTDIR)/usr/lib/udev/rules.d/70-vfiod.rules
-	install -Dm644 systemd/vfiod-modules.conf $(DESTDIR)/usr/lib/modules-load.d/vfiod.conf
-	install -Dm644 policy/vfiod.toml $(DESTDIR)/usr/lib/vfiod/vfiod.toml
-	install -d -m755 $(DESTDIR)/usr/lib/vfiod/policy.d $(DESTDIR)/etc/vfiod/policy.d
-	install -Dm644 -t $(DESTDIR)/usr/share/doc/vfiod policy/README.md
-	install -Dm644 -t $(DESTDIR)/usr/share/doc/vfiod/examples policy/examples/*.toml
+	install -Dm644 systemd/vfiod.tmpfiles "$(DESTDIR)/usr/lib/tmpfiles.d/vfiod.conf"
+	install -Dm644 systemd/70-vfiod.rules "$(DESTDIR)/usr/lib/udev/rules.d/70-vfiod.rules"
+	install -Dm644 systemd/vfiod-modules.conf "$(DESTDIR)/usr/lib/modules-load.d/vfiod.conf"
+	install -Dm644 policy/vfiod.toml "$(DESTDIR)/usr/lib/vfiod/vfiod.toml"
+	install -d -m755 "$(DESTDIR)/usr/lib/vfiod/policy.d" "$(DESTDIR)/etc/vfiod/policy.d"
+	install -Dm644 -t "$(DESTDIR)/usr/share/doc/vfiod" policy/README.md
+	install -Dm644 -t "$(DESTDIR)/usr/share/doc/vfiod/examples" policy/examples/*.toml
 
 install-venv:
-	$(PYTHON) -m venv $(DESTDIR)$(LIBDIR)
-	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --upgrade pip
-	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q '.[journal]'
-	# Scripts name their interpreter by its staged path: name the installed one.
-	sed -i '1s|^#!$(DESTDIR)/|#!/|' $(DESTDIR)$(LIBDIR)/bin/vfiod $(DESTDIR)$(LIBDIR)/bin/vfioctl
-	install -d -m755 $(DESTDIR)$(BINDIR)
-	ln -sfn $(LIBDIR)/bin/vfiod $(DESTDIR)$(BINDIR)/vfiod
-	ln -sfn $(LIBDIR)/bin/vfioctl $(DESTDIR)$(BINDIR)/vfioctl
+	$(PYTHON) -m venv "$(DESTDIR)$(LIBDIR)"
+	"$(DESTDIR)$(LIBDIR)/bin/python" -m pip install -q --upgrade pip
+	"$(DESTDIR)$(LIBDIR)/bin/python" -m pip install -q '.[journal]'
+	# Scripts name their interpreter by its staged path: name the installed one
+	# (on line 1, or line 2 of pip's sh trampoline for a path with a space).
+	sed -i '1,3s|$(DESTDIR)/|/|' "$(DESTDIR)$(LIBDIR)/bin/vfiod" "$(DESTDIR)$(LIBDIR)/bin/vfioctl"
+	install -d -m755 "$(DESTDIR)$(BINDIR)"
+	ln -sfn $(LIBDIR)/bin/vfiod "$(DESTDIR)$(BINDIR)/vfiod"
+	ln -sfn $(LIBDIR)/bin/vfioctl "$(DESTDIR)$(BINDIR)/vfioctl"
 
 clean:
 	rm -rf build $(VENV) *.egg-info

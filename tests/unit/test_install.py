@@ -67,13 +67,15 @@ def test_the_unit_names_the_bus_name_and_is_notify() -> None:
 
 
 def test_make_install_builds_a_working_venv(tmp_path: Path) -> None:
-    """The whole `make install`, staged: the virtualenv with vfiod and its
-    dependencies, its scripts naming the interpreter where it will be, and
-    the commands linked into BINDIR. (Downloads from PyPI unless pip's cache
-    has the packages: `make venv` has filled it.)"""
+    """The whole `make install`, staged in a folder with a space in its path:
+    the virtualenv with vfiod and its dependencies, its scripts naming the
+    interpreter where it will be, and the commands linked into BINDIR.
+    (Downloads from PyPI unless pip's cache has the packages: `make venv`
+    has filled it.)"""
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed (apt-get install make)")
+    tmp_path = tmp_path / "staged root"
     result = subprocess.run(
         [make, "-s", "install", f"DESTDIR={tmp_path}", "PREFIX=/usr", f"PYTHON={sys.executable}"],
         cwd=PROJECT,
@@ -86,8 +88,12 @@ def test_make_install_builds_a_working_venv(tmp_path: Path) -> None:
     venv = tmp_path / "usr/lib/vfiod/venv"
     for command in ("vfiod", "vfioctl"):
         assert os.readlink(tmp_path / "usr/bin" / command) == f"/usr/lib/vfiod/venv/bin/{command}"
-        shebang = (venv / "bin" / command).read_text().splitlines()[0]
-        assert shebang == "#!/usr/lib/vfiod/venv/bin/python", shebang
+        # A plain shebang, or (the staged path has a space) pip's sh trampoline.
+        head = (venv / "bin" / command).read_text().splitlines()[:3]
+        assert str(tmp_path) not in "\n".join(head), head
+        assert head[0] == "#!/usr/lib/vfiod/venv/bin/python" or (
+            head[0] == "#!/bin/sh" and '"/usr/lib/vfiod/venv/bin/python"' in head[1]
+        ), head
     check = subprocess.run(
         [str(venv / "bin/python"), "-c", "import vfiod.daemon, vfiod.cli, systemd.journal"],
         capture_output=True,

@@ -182,7 +182,9 @@ def run_vm(
     env = dict(os.environ)
     env["PATH"] = f"{Path(vng).parent}:{env.get('PATH', '/usr/bin:/bin')}"
     try:
-        return run_supervised(argv, env=env, progress=progress, timeout=timeout)
+        # virtme-ng works in its current folder (the initramfs of a modular
+        # kernel): the shared one, which has no space in its path.
+        return run_supervised(argv, env=env, progress=progress, timeout=timeout, cwd=shared_dir)
     finally:
         disk.unlink(missing_ok=True)
 
@@ -214,6 +216,7 @@ def run_supervised(
     env: dict[str, str] | None = None,
     progress: Callable[[str], None] = lambda line: None,
     timeout: float = BOOT_TIMEOUT,
+    cwd: Path | None = None,
 ) -> VmRun:
     """Run a VM boot (``argv``: vng and its arguments) under tests.vm.supervise,
     in a session of its own: whatever happens here — the boot ends, times
@@ -227,8 +230,8 @@ def run_supervised(
         stderr=subprocess.STDOUT,
         text=True,
         errors="replace",
-        env=env,
-        cwd=PROJECT,
+        env={**(os.environ if env is None else env), "PYTHONPATH": str(PROJECT)},
+        cwd=cwd or PROJECT,
         start_new_session=True,  # a terminal's Ctrl-C reaches us, not the VM: we stop it
     )
     lines: list[str] = []
