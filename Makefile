@@ -77,7 +77,7 @@ install-files:
 	install -Dm644 -t "$(DESTDIR)/usr/share/doc/vfiod/examples" policy/examples/*.toml
 
 install-venv:
-	$(PYTHON) -m venv "$(DESTDIR)$(LIBDIR)"
+	"$(PYTHON)" -m venv "$(DESTDIR)$(LIBDIR)"
 	"$(DESTDIR)$(LIBDIR)/bin/python" -m pip install -q --upgrade pip
 	"$(DESTDIR)$(LIBDIR)/bin/python" -m pip install -q '.[journal]'
 	# Scripts name their interpreter by its staged path: name the installed one

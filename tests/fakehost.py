@@ -36,6 +36,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -263,7 +264,8 @@ def main(argv: list[str]) -> int:
     daemon finds as the last one left it. ``VFIOD_TEST_STEPS`` (a log path),
     ``VFIOD_TEST_KILL_AT=N`` and ``VFIOD_TEST_KILL_AFTER=N`` count the steps
     the daemon takes once it is ready and kill it with SIGKILL just before or
-    just after the N-th (``Steps``)."""
+    just after the N-th (``Steps``). A file DIR/slow-unbind makes every unbind
+    take the seconds it holds (``SlowSysfs``)."""
     from vfiod import daemon, log, notify  # noqa: PLC0415 - only the daemon process needs them
     from vfiod.service_manager import SystemdFdStore  # noqa: PLC0415
 
@@ -283,6 +285,8 @@ def main(argv: list[str]) -> int:
         )
         kernel = host.kernel
     sysfs: Sysfs = host.sysfs
+    if (directory / SLOW_UNBIND_FILE).exists():
+        sysfs = SlowSysfs(sysfs, directory / SLOW_UNBIND_FILE)
     state = host.state
     fd_store: FdStore = SystemdFdStore()
     steps = Steps.from_environment(directory)
@@ -313,6 +317,7 @@ def main(argv: list[str]) -> int:
 # and Parts that count every step the daemon takes and can kill it at one.
 
 KERNEL_SOCKET_VARIABLE = "VFIOD_TEST_KERNEL"
+SLOW_UNBIND_FILE = "slow-unbind"  # in the daemon's directory: seconds per unbind
 STEPS_VARIABLE = "VFIOD_TEST_STEPS"
 KILL_BEFORE_VARIABLE = "VFIOD_TEST_KILL_AT"
 KILL_AFTER_VARIABLE = "VFIOD_TEST_KILL_AFTER"
@@ -561,6 +566,24 @@ class Steps:
         result = action()
         self.last_failed = False
         return result
+
+
+class SlowSysfs(Sysfs):
+    """Sysfs whose unbinds take as long as a GPU's: each write to an
+    ``unbind`` file first waits the seconds ``delay_file`` holds (read at
+    each write, so a test can change it; no file, no wait). It waits before
+    the fake kernel's lock, as a writer waits in the real kernel's driver."""
+
+    def __init__(self, inner: Sysfs, delay_file: Path) -> None:
+        super().__init__(inner.root)
+        self.inner = inner
+        self.delay_file = delay_file
+
+    def write(self, path: str, value: str) -> None:
+        if os.path.basename(path) == "unbind":
+            with contextlib.suppress(FileNotFoundError):
+                time.sleep(float(self.delay_file.read_text() or 0))
+        self.inner.write(path, value)
 
 
 class CountingSysfs(Sysfs):

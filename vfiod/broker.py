@@ -8,13 +8,16 @@ device fds, so the group stays busy) -> free (drivers vfiod changed are
 restored). Every step is logged; grants, denials, releases and revocations
 are audit entries with a MESSAGE_ID.
 
-Every method runs to completion without yielding, so two callers racing for
-one group are served one after the other: the first wins, the second hears
-who holds it.
+Decisions never wait: they are made on the event loop, without yielding,
+so two callers racing for one group are served one after the other: the
+first reserves it, the second hears who holds it. What takes long — moving
+devices between drivers, scanning for host-critical devices — runs on the
+worker (vfiod.worker) under that reservation, while everyone else is served.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import enum
@@ -26,12 +29,13 @@ import os
 import pwd
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from vfiod.errors import (
     BrokerError,
     Busy,
+    Cancelled,
     HostCritical,
     InvalidArgument,
     KernelError,
@@ -39,9 +43,10 @@ from vfiod.errors import (
     NotSupported,
     NotViable,
     PermissionDenied,
+    TimedOut,
 )
 from vfiod.host import noiommu
-from vfiod.host.binding import Binder, CriticalDevices
+from vfiod.host.binding import Binder, CriticalDevices, Progress, Step
 from vfiod.host.inventory import IommuGroup, PciDevice, cross_check_viability, is_vfio_driver
 from vfiod.host.process import exited, owner_process, raise_memlock
 from vfiod.host.sysfs import HostError
@@ -50,6 +55,7 @@ from vfiod.pci import AddressError, PciAddress
 from vfiod.plan import Plan, Target, plan
 from vfiod.policy.load import PolicyHolder
 from vfiod.policy.model import Caller, Policy, Request
+from vfiod.reasons import Reason
 from vfiod.state import LeaseRecord, State
 from vfiod.vfio import (
     CdevDevice,
@@ -64,6 +70,7 @@ from vfiod.vfio import (
     cdev_path,
 )
 from vfiod.vfio.kernel import IovaRange
+from vfiod.worker import InlineWorker, Worker
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +82,15 @@ MESSAGE_REVOKED = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e04"
 MESSAGE_UNSAFE = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e05"
 MESSAGE_FREED = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e06"
 
-# How long a host-critical scan (mounts, swap, routes, consoles) stays fresh.
-CRITICAL_TTL = 2.0
 PAGE = 4096
 NODE_TIMEOUT = 5.0  # seconds a node may take to appear after a bind
 HUGE_PAGE = 2 << 20
 # dbus-daemon drops a message carrying more fds and disconnects its sender.
 MAX_REPLY_FDS = 16
+# How long a caller waits for Acquire unless it says (the timeout option):
+# sd-bus's and libdbus's default method call timeout.
+DEFAULT_TIMEOUT = 25.0
+REPLY_MARGIN = 2.0  # seconds before the caller's timeout vfiod answers at the latest
 
 
 class Backend(enum.StrEnum):
@@ -92,6 +101,7 @@ class Backend(enum.StrEnum):
 class LeaseState(enum.StrEnum):
     ACTIVE = "active"
     DRAINING = "draining"
+    RESTORING = "restoring"  # free of clients; its devices go back to their drivers
     FREE = "free"
 
 
@@ -111,6 +121,68 @@ class AcquireOptions:
     unsafe_noiommu: bool = False
     owner_pidfd: int | None = None  # borrowed: the broker dups what it keeps
     label: str = ""
+    request_id: str = ""  # the caller's name for the request (Cancel)
+    timeout: float = DEFAULT_TIMEOUT  # seconds the caller waits for the answer
+
+
+@dataclasses.dataclass(frozen=True)
+class Moving:
+    """A step of a device moving between drivers, for a request (its
+    request-id) or a lease being freed (its id); ``owner`` the bus name that
+    asked."""
+
+    request: str
+    owner: str
+    device: PciAddress
+    step: Step
+    driver: str  # the driver it leaves (bind) or goes back to (restore)
+    elapsed: float  # seconds since this device began to move
+
+
+@dataclasses.dataclass(eq=False)
+class Pending:
+    """An Acquire in progress. Its groups and devices are reserved: no other
+    request may touch them until it is granted, or has given back what it
+    moved."""
+
+    token: str
+    request_id: str
+    caller: Caller
+    owner: str
+    label: str
+    keys: tuple[str, ...]  # reserved: group ids and device addresses
+    rules: tuple[str, ...]  # the rules it would be held under (max-leases)
+    deadline: float  # time.monotonic() by which it answers
+    timeout: float
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    error: BrokerError | None = None  # why it must stop; None: it may go on
+    job: asyncio.Future[Any] | None = None  # its binding, while on the worker
+    stopped: asyncio.Future[None] | None = None  # resolved when it must stop
+
+    @property
+    def moving(self) -> tuple[PciAddress, ...]:
+        return tuple(PciAddress.parse(k) for k in self.keys if ":" in k)
+
+    def stop(self, error: BrokerError) -> None:
+        if self.error is None:
+            self.error = error
+        if self.stopped is not None and not self.stopped.done():
+            self.stopped.set_result(None)
+
+    def check(self) -> None:
+        """Raise why the request must stop, if it must (also on the worker,
+        between devices)."""
+        if self.error is None and time.monotonic() > self.deadline:
+            self.error = TimedOut(self.timed_out())
+        if self.error is not None:
+            raise self.error
+
+    def timed_out(self) -> str:
+        return (
+            f"the request could not be done within the {self.timeout:g} s you said you would "
+            "wait (option timeout); what vfiod had moved for it goes back. Slow devices take "
+            "longer to rebind: ask again with a longer timeout"
+        )
 
 
 class ProcessWatcher(Protocol):
@@ -165,6 +237,7 @@ class Lease:
     mappings: dict[int, DmaMapping] = dataclasses.field(default_factory=dict)  # by IOVA
     unwatch: Callable[[], None] | None = None
     stored: tuple[str, ...] = ()  # names of its fds in the fd store
+    request_id: str = ""  # the Acquire's request-id, to Cancel a reply that got lost
 
     @property
     def group_ids(self) -> tuple[str, ...]:
@@ -243,6 +316,36 @@ class Grant:
     fds: dict[str, int]  # name -> fd; the caller of acquire() owns and closes them
 
 
+@dataclasses.dataclass(frozen=True)
+class Access:
+    """CheckAccess's answer for one device, from the plan Acquire would make now."""
+
+    device: str  # as asked
+    allowed: bool
+    reason: str  # for people
+    code: Reason  # for programs
+    move: tuple[PciAddress, ...] = ()  # what vfiod would move to vfio-pci for its group
+    blocker: PciAddress | None = None  # the member that refuses, if one does
+    group: str = ""  # the node name of its group ("" without one)
+    holder: str | None = None  # the lease holding its group now
+    companions: tuple[PciAddress, ...] = ()  # members the lease would reach, not asked for
+    backends: tuple[str, ...] = ()  # code backend: the backends that would do
+
+
+def _refused(text: str, error: BrokerError, access: Access | None = None) -> Access:
+    """``access`` (or a bare answer for ``text``) refused with ``error``."""
+    # Each refusal CheckAccess can meet is built with its code (the unit tests meet each).
+    assert error.code is not None, f"{type(error).__name__} has no reason code: {error.message}"
+    return dataclasses.replace(
+        access or Access(device=text, allowed=False, reason="", code=error.code),
+        allowed=False,
+        reason=error.message,
+        code=error.code,
+        blocker=error.blocker,
+        backends=error.backends,
+    )
+
+
 def _audit(
     message_id: str, text: str, fields: Mapping[str, object], level: int = logging.INFO
 ) -> None:
@@ -288,6 +391,7 @@ class Broker:
         dev_vfio: str = "/dev/vfio",
         proc: str = "/proc",
         clock: Callable[[], float] = time.time,
+        worker: Worker | None = None,
     ) -> None:
         self.host = host
         self.binder = binder
@@ -298,14 +402,22 @@ class Broker:
         self.dev_vfio = dev_vfio
         self.proc = proc
         self.clock = clock
+        # Slow host work; without an event loop it runs in the caller.
+        self.worker: Worker = worker if worker is not None else InlineWorker()
         self.leases: dict[str, Lease] = {}
+        # Acquires in progress, by token, and what each has reserved.
+        self._pending: dict[str, Pending] = {}
+        self._reserved: dict[str, Pending] = {}
+        # Giving back after a stopped request, in the background.
+        self._background: set[asyncio.Task[None]] = set()
+        self.progress_listeners: list[Callable[[Moving], None]] = []
         # The leases covering each device and each group, in the order of
         # self.leases (one, but while a recovered lease drains): the bus
         # objects ask for every device and group they sync.
         self._by_device: dict[PciAddress, list[Lease]] = {}
         self._by_group: dict[str, list[Lease]] = {}
         self.listeners: list[Callable[[Lease, LeaseChange], None]] = []
-        self._critical: tuple[float, CriticalDevices] | None = None
+        self._critical: CriticalDevices | None = None
         # Devices vfiod moved for no lease it knows, whose group a client
         # still holds: given back once free.
         self._orphans: set[PciAddress] = set()
@@ -340,13 +452,21 @@ class Broker:
         for group_id in lease.group_ids:
             _unlist(self._by_group, group_id, lease)
 
-    def critical(self, *, fresh: bool = False) -> CriticalDevices:
-        """Host-critical devices and why; rescanned at most every CRITICAL_TTL s,
-        or now when ``fresh``."""
-        now = time.monotonic()
-        if fresh or self._critical is None or now - self._critical[0] > CRITICAL_TTL:
-            self._critical = (now, self.binder.critical())
-        return self._critical[1]
+    def critical(self) -> CriticalDevices:
+        """Host-critical devices and why, as the last scan found them (the
+        first one is made now; refresh_critical() makes the others)."""
+        if self._critical is None:
+            self._critical = self.binder.critical()
+        return self._critical
+
+    async def refresh_critical(self) -> set[PciAddress]:
+        """Scan again for host-critical devices (mounts, swap, routes,
+        consoles: tens of ms on a big host), on the worker; return the
+        devices whose reasons changed."""
+        before = self.critical()
+        after = await self.worker.run(self.binder.critical)
+        self._critical = after
+        return {a for a in {*before, *after} if before.get(a) != after.get(a)}
 
     def original_driver(self, address: PciAddress) -> str | None:
         record = self.binder.state.load().bindings.get(str(address))
@@ -354,43 +474,59 @@ class Broker:
 
     def check_access(
         self, caller: Caller, addresses: Sequence[str], options: AcquireOptions
-    ) -> list[tuple[str, bool, str]]:
-        """Per device: would Acquire allow it, and why (not). The same plan and
-        the same request checks as Acquire; only a holder of the group is
-        not a refusal here (it is a matter of time), just said."""
+    ) -> list[Access]:
+        """Per device: would Acquire allow it, why (not), and what its plan
+        would move. The same plan and the same request checks as Acquire, in
+        its order; only a holder of the group is not a refusal here (it is a
+        matter of time): code busy."""
         policy = self.policy.current
         backend, request = self._request(policy, options)
-        targets: list[Target] = []
+        targets: dict[str, Target] = {}
         unresolved: dict[str, BrokerError] = {}
         for text in addresses:
             try:
-                targets.append(self._target(text))
+                targets[text] = self._target(text)
             except BrokerError as e:
                 unresolved[text] = e
+        owner_refusal: BrokerError | None = None
         try:
             self._check_owner(caller, options.owner_pidfd)
-            the_plan = self._plan(policy, caller, request, targets, options)
-            refused = self._request_refusal(caller, the_plan, backend, options)
         except BrokerError as e:
-            return [(text, False, e.message) for text in addresses]
+            owner_refusal = e  # Acquire refuses it before anything else
+        the_plan = self._plan(policy, caller, request, list(targets.values()), options)
+        refused = self._request_refusal(caller, the_plan, backend, options)
         results = []
         for text in addresses:
-            if text in unresolved:
-                results.append((text, False, unresolved[text].message))
+            target = targets.get(text)
+            if target is None:
+                results.append(_refused(text, owner_refusal or unresolved[text]))
                 continue
-            target = self._target(text)
             group_plan = the_plan.group_of(target.device.address)
-            refusal = group_plan.refusal or refused
+            holder = self._holder(target.device, target.group)
+            access = Access(
+                device=text,
+                allowed=True,
+                reason="",
+                code=Reason.ALLOWED,
+                move=group_plan.moving,
+                group=target.group.node_name if target.group is not None else "",
+                holder=holder.id if isinstance(holder, Lease) else None,
+                companions=group_plan.companions,
+            )
+            refusal = owner_refusal or group_plan.refusal or refused
             if refusal is not None:
-                results.append((text, False, refusal.message))
+                results.append(_refused(text, refusal, access))
                 continue
             decision = group_plan.decisions[target.device.address]
             reason = " ".join(decision.reasons) or "allowed"
-            holder = self._holder(target.device, target.group)
             if holder is not None:
                 now = self._busy_text(holder, target.group, target.device, caller)
-                reason += f" (but now {now})"
-            results.append((text, True, reason))
+                access = dataclasses.replace(
+                    access, code=Reason.BUSY, reason=f"{reason} (but now {now})"
+                )
+            else:
+                access = dataclasses.replace(access, reason=reason)
+            results.append(access)
         return results
 
     def _target(self, text: str) -> Target:
@@ -416,13 +552,15 @@ class Broker:
         """What refuses the request as a whole, once its groups could be had."""
         try:
             self._check_max_leases(caller, the_plan)
-        except BrokerError as e:
-            return e
-        if backend is Backend.IOMMUFD and any(
-            g.group is None or g.group.noiommu for g in the_plan.groups
-        ):
+        except PermissionDenied as e:
+            return PermissionDenied(e.message, code=Reason.MAX_LEASES)
+        noiommu_groups = [g for g in the_plan.groups if g.group is None or g.group.noiommu]
+        if backend is Backend.IOMMUFD and noiommu_groups:
             return NotSupported(
-                "no-IOMMU devices have no iommufd path in Linux; ask with backend=legacy"
+                "no-IOMMU devices have no iommufd path in Linux; ask with backend=legacy",
+                code=Reason.BACKEND,
+                blocker=noiommu_groups[0].requested[0],
+                backends=(Backend.LEGACY.value,),
             )
         fds = (
             1 + len(the_plan.reachable)
@@ -435,13 +573,14 @@ class Broker:
             return InvalidArgument(
                 f"the lease would return {fds} fds, more than the {MAX_REPLY_FDS} one D-Bus "
                 "reply can carry; ask with open-devices=false and open the devices from the "
-                "group fds, or ask for fewer devices at a time"
+                "group fds, or ask for fewer devices at a time",
+                code=Reason.TOO_MANY_FDS,
             )
         return None
 
     # -- acquire
 
-    def acquire(
+    async def acquire(
         self,
         caller: Caller,
         pid: int | None,
@@ -449,16 +588,25 @@ class Broker:
         addresses: Sequence[str],
         options: AcquireOptions,
     ) -> Grant:
+        """Lease the groups of ``addresses``. Everything is decided on the
+        loop, before anything changes; then the groups are reserved, so that
+        no other request touches them while their members move (on the
+        worker) and their nodes appear. A request that is cancelled, whose
+        caller leaves or whose time runs out answers at once; what was moved
+        for it goes back, and the reservation ends only then."""
         if not addresses:
             raise InvalidArgument("name at least one device (a PCI address like 0000:00:10.0)")
-        policy = self.policy.current
-        backend, request = self._request(policy, options)
+        deadline = time.monotonic() + options.timeout - _reply_margin(options.timeout)
+        self._check_request_id(owner, options.request_id)
         owner_pid = self._check_owner(caller, options.owner_pidfd)
         if options.managed:
-            # One scan for the whole acquire: the plan decides on it and binding
-            # refuses on it, as fresh as a scan right before the first sysfs
-            # write (acquire does not yield to the event loop).
-            self.critical(fresh=True)
+            # The plan decides on a scan as fresh as the request, and binding
+            # refuses on the same scan.
+            await self.refresh_critical()
+        # Nothing below yields until the groups are reserved.
+        policy = self.policy.current
+        backend, request = self._request(policy, options)
+        self._check_request_id(owner, options.request_id)
         targets = [self._target(text) for text in addresses]
         for target in targets:
             holder = self._holder(target.device, target.group)
@@ -480,41 +628,67 @@ class Broker:
                 },
             )
             raise refusal
-        rules = the_plan.rules
-        unsafe = any(g.group is None or g.group.noiommu for g in the_plan.groups)
-
+        pending = self._reserve(caller, owner, options, the_plan, targets, deadline)
         moved: list[PciAddress] = []
         try:
-            self._bind_plan(the_plan, moved)
-            lease = Lease(
-                id=secrets.token_hex(8),
-                caller=caller,
-                pid=pid,
-                owner=owner,
-                label=options.label,
-                backend=backend,
-                unsafe=unsafe,
-                groups=self._leased_groups(the_plan),
-                devices=tuple(dict.fromkeys(t.device.address for t in targets)),
-                request=request,
-                rules=tuple(rule.name for rule in rules),
-                created=self.clock(),
-                restore=all(rule.grants.restore_driver for rule in rules),
-                max_locked_memory=_smallest(rule.grants.max_locked_memory for rule in rules),
-                moved=tuple(moved),
-                owner_pid=owner_pid,
+            grant = await self._grant(
+                pending, the_plan, targets, request, backend, options, pid, owner_pid, moved
             )
-            fds = self._open(lease, options)
         except BaseException:
-            self._undo_binding(moved)
+            await self._give_back(pending, moved)
             raise
+        self._unreserve(pending)
+        return grant
+
+    async def _grant(
+        self,
+        pending: Pending,
+        the_plan: Plan,
+        targets: Sequence[Target],
+        request: Request,
+        backend: Backend,
+        options: AcquireOptions,
+        pid: int | None,
+        owner_pid: int | None,
+        moved: list[PciAddress],
+    ) -> Grant:
+        caller = pending.caller
+        rules = the_plan.rules
+        unsafe = any(g.group is None or g.group.noiommu for g in the_plan.groups)
+        if the_plan.moving:
+            await self._bounded(
+                pending, functools.partial(self._bind_job, pending, the_plan, moved)
+            )
+            self.host.refresh(the_plan.moving)
+            pending.check()
+        lease = Lease(
+            id=secrets.token_hex(8),
+            caller=caller,
+            pid=pid,
+            owner=pending.owner,
+            label=options.label,
+            backend=backend,
+            unsafe=unsafe,
+            groups=self._leased_groups(the_plan),
+            devices=tuple(dict.fromkeys(t.device.address for t in targets)),
+            request=request,
+            rules=tuple(rule.name for rule in rules),
+            created=self.clock(),
+            restore=all(rule.grants.restore_driver for rule in rules),
+            max_locked_memory=_smallest(rule.grants.max_locked_memory for rule in rules),
+            moved=tuple(moved),
+            owner_pid=owner_pid,
+            request_id=pending.request_id,
+        )
+        fds = await self._open(lease, options, pending)
+        # From here to the grant nothing yields: a request still going now is granted.
         try:
+            pending.check()
             self._adopt_owner(lease, options.owner_pidfd)
         except BaseException:
             for fd in fds.values():
                 os.close(fd)
             self._close_handles(lease)
-            self._undo_binding(moved)
             raise
         self._add_lease(lease)
         self._store(lease)
@@ -534,6 +708,198 @@ class Broker:
             )
         self._notify(lease, LeaseChange.GRANTED)
         return Grant(lease, fds)
+
+    def _check_request_id(self, owner: str, request_id: str) -> None:
+        if request_id and any(
+            p.owner == owner and p.request_id == request_id for p in self._pending.values()
+        ):
+            raise InvalidArgument(
+                f"request-id {request_id!r} is in use by another Acquire of this connection "
+                "still in progress; give each request an id of its own"
+            )
+
+    def _reserve(
+        self,
+        caller: Caller,
+        owner: str,
+        options: AcquireOptions,
+        the_plan: Plan,
+        targets: Sequence[Target],
+        deadline: float,
+    ) -> Pending:
+        """Reserve what the request will change: its groups, and its devices
+        themselves (a device without a group gets one as it moves)."""
+        keys = {g.group.id for g in the_plan.groups if g.group is not None}
+        keys |= {str(t.device.address) for t in targets}
+        keys |= {str(a) for a in the_plan.moving}
+        pending = Pending(
+            token=secrets.token_hex(8),
+            request_id=options.request_id,
+            caller=caller,
+            owner=owner,
+            label=options.label,
+            keys=tuple(sorted(keys)),
+            rules=tuple(rule.name for rule in the_plan.rules),
+            deadline=deadline,
+            timeout=options.timeout,
+        )
+        self._pending[pending.token] = pending
+        for key in pending.keys:
+            self._reserved[key] = pending
+        return pending
+
+    def _unreserve(self, pending: Pending) -> None:
+        self._pending.pop(pending.token, None)
+        for key in pending.keys:
+            if self._reserved.get(key) is pending:
+                del self._reserved[key]
+
+    async def _bounded(self, pending: Pending, work: Callable[[], T]) -> T:
+        """Run a job for ``pending`` on the worker. Raises the request's stop
+        error as soon as it is cancelled or its time is up; the job then
+        stops at its next checkpoint (a sysfs write in progress cannot be
+        interrupted), and _give_back waits for it before undoing."""
+        loop = asyncio.get_running_loop()
+        job: asyncio.Future[T] = asyncio.ensure_future(self.worker.run(work))
+        pending.job = job
+        pending.stopped = loop.create_future()
+        if pending.error is not None:
+            pending.stopped.set_result(None)
+        waiting: set[asyncio.Future[Any]] = {job, pending.stopped}
+        try:
+            await asyncio.wait(
+                waiting,
+                timeout=max(0.0, pending.deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            pending.stopped = None
+        if job.done():
+            pending.job = None
+            return job.result()
+        if pending.error is None:
+            pending.stop(TimedOut(pending.timed_out()))
+        pending.check()
+        raise AssertionError("unreachable: check() raised")
+
+    def _bind_job(self, pending: Pending, the_plan: Plan, moved: list[PciAddress]) -> None:
+        """On the worker: move what the plan says must move (recording it in
+        ``moved``); a device without an IOMMU group needs the kernel's unsafe
+        no-IOMMU mode first (the plan has checked all three consents)."""
+        if any(g.group is None for g in the_plan.groups):
+            sysfs = self.binder.sysfs
+            if not noiommu.enabled(sysfs):
+                log.warning("turning on the kernel's unsafe no-IOMMU mode")
+                try:
+                    noiommu.enable(sysfs)
+                except HostError as e:
+                    raise KernelError(e.errno or errno.EIO, str(e)) from e
+        addresses = the_plan.moving
+        log.info("binding %s to vfio-pci", ", ".join(str(a) for a in addresses))
+        try:
+            records = self.binder.bind_all(
+                addresses,
+                allow_critical=set(the_plan.allow_critical),
+                critical=self.critical(),  # acquire's fresh scan
+                progress=self._progress(pending.request_id, pending.owner),
+                checkpoint=pending.check,
+            )
+        except HostError as e:
+            if e.errno == errno.EPERM:
+                raise HostCritical(str(e)) from e
+            raise KernelError(e.errno or errno.EIO, str(e)) from e
+        moved.extend(PciAddress.parse(r.address) for r in records)
+
+    async def _give_back(self, pending: Pending, moved: list[PciAddress]) -> None:
+        """After a request failed or stopped: once its job is done, put back
+        what it moved, then end the reservation. A stopped request answers
+        first: the giving back goes on without it."""
+        if pending.error is not None:
+            log.info(
+                "request %s of uid %d stopped: %s",
+                pending.request_id or pending.token,
+                pending.caller.uid,
+                pending.error.message,
+            )
+        job = pending.job
+        if job is not None and not job.done():
+            self._spawn(self._give_back_after(pending, job, moved))
+            return
+        await self._give_back_after(pending, job, moved)
+
+    async def _give_back_after(
+        self, pending: Pending, job: asyncio.Future[Any] | None, moved: list[PciAddress]
+    ) -> None:
+        try:
+            if job is not None:
+                with contextlib.suppress(BaseException):  # it undid its own work
+                    await job
+            if moved:
+                progress = self._progress(pending.request_id, pending.owner)
+                try:
+                    await self.worker.run(
+                        functools.partial(self.binder.restore_all, list(reversed(moved)), progress)
+                    )
+                except HostError as e:
+                    log.error("putting devices back after a failed acquire: %s", e)
+            self.host.refresh(
+                a for a in {*moved, *pending.moving} if a in self.host.inventory.devices
+            )
+        finally:
+            self._unreserve(pending)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _progress(self, request: str, owner: str) -> Progress:
+        """A binder progress callback (called on the worker) that announces
+        each step on the loop, with how long the device has been moving."""
+        began: dict[PciAddress, float] = {}
+
+        def told(address: PciAddress, step: Step, driver: str) -> None:
+            now = time.monotonic()
+            if step in (Step.BIND, Step.RESTORE):
+                began[address] = now
+            moving = Moving(request, owner, address, step, driver, now - began.get(address, now))
+            self.worker.on_loop(functools.partial(self._announce, moving))
+
+        return told
+
+    def _announce(self, moving: Moving) -> None:
+        log.info(
+            "%s: %s %s%s (%.1f s)",
+            moving.request or "lease",
+            moving.device,
+            moving.step.value,
+            f" ({moving.driver})" if moving.driver else "",
+            moving.elapsed,
+        )
+        for listener in self.progress_listeners:
+            listener(moving)
+
+    def cancel(self, owner: str, request_id: str) -> str:
+        """Stop the Acquire that ``owner`` sent with ``request_id``, or end
+        the lease it made (its reply may never have arrived). Only the
+        connection that asked can cancel it. Returns what was done."""
+        if not request_id:
+            raise InvalidArgument("name the request-id you gave Acquire")
+        for pending in self._pending.values():
+            if pending.owner == owner and pending.request_id == request_id:
+                pending.stop(Cancelled(f"request {request_id!r} was cancelled by its caller"))
+                return "cancelled"
+        for lease in self.leases.values():
+            if lease.owner == owner and lease.request_id == request_id:
+                if lease.state is LeaseState.ACTIVE:
+                    self.end(
+                        lease, f"request {request_id!r} was cancelled by its caller", revoked=False
+                    )
+                return "released"
+        raise NotFound(
+            f"no Acquire with request-id {request_id!r} from this connection is in progress or "
+            "holds a lease; it may have ended already"
+        )
 
     def _store(self, lease: Lease) -> None:
         """Keep the lease's fds where a restart of vfiod finds them, and
@@ -562,34 +928,48 @@ class Broker:
         try:
             address = PciAddress.parse(text)
         except AddressError as e:
-            raise InvalidArgument(str(e)) from e
+            raise InvalidArgument(str(e), code=Reason.INVALID_ADDRESS) from e
         inventory = self.host.inventory
         device = inventory.devices.get(address)
         if device is None:
             raise NotFound(
-                f"no PCI device {address} on this host; `vfioctl list` shows the devices"
+                f"no PCI device {address} on this host; `vfioctl list` shows the devices",
+                code=Reason.NOT_FOUND,
             )
         if device.group is not None:
             return device, inventory.groups[device.group]
         if not noiommu.supported(self.binder.sysfs):
             raise NotSupported(
                 f"{address} has no IOMMU group: boot with the IOMMU on (intel_iommu=on or "
-                "amd_iommu=on); this kernel has no unsafe no-IOMMU mode either"
+                "amd_iommu=on); this kernel has no unsafe no-IOMMU mode either",
+                code=Reason.NO_IOMMU_GROUP,
+                blocker=address,
             )
         return device, None
 
-    def _holder(self, device: PciDevice, group: IommuGroup | None) -> Lease | None:
+    def _holder(self, device: PciDevice, group: IommuGroup | None) -> Lease | Pending | None:
+        """The lease holding the device's group, or the request reserving it."""
         if group is not None:
-            return self.lease_of_group(group.id)
-        return self.lease_of_device(device.address)
+            lease = self.lease_of_group(group.id)
+            pending = self._reserved.get(group.id)
+        else:
+            lease = self.lease_of_device(device.address)
+            pending = None
+        return lease or pending or self._reserved.get(str(device.address))
 
     @staticmethod
     def _busy_text(
-        holder: Lease, group: IommuGroup | None, device: PciDevice, caller: Caller
+        holder: Lease | Pending, group: IommuGroup | None, device: PciDevice, caller: Caller
     ) -> str:
         """Who holds it: the label only to its own uid and root (as
         GetLeaseDetails); the uid to anyone (as ps(1) shows owners)."""
         what = f"IOMMU group {group.id}" if group is not None else str(device.address)
+        if isinstance(holder, Pending):
+            who = f"uid {holder.caller.uid}"
+            if caller.uid in (0, holder.caller.uid):
+                who = f"{holder.label or 'an unnamed VM'} ({who})"
+            took = time.monotonic() - holder.started
+            return f"{what} is being prepared for {who}, for {took:.0f} s so far"
         state = "" if holder.state is LeaseState.ACTIVE else f", {holder.state.value}"
         if caller.uid in (0, holder.caller.uid):
             who = f"{holder.label or 'an unnamed VM'} (uid {holder.caller.uid}, lease {holder.id}"
@@ -603,11 +983,12 @@ class Broker:
         try:
             process = owner_process(pidfd, self.proc)
         except HostError as e:
-            raise InvalidArgument(str(e)) from e
+            raise InvalidArgument(str(e), code=Reason.OWNER_PIDFD) from e
         if caller.uid not in (0, process.uid):
             raise PermissionDenied(
                 f"owner-pidfd names pid {process.pid} of uid {process.uid}, not one of "
-                f"yours (uid {caller.uid}); pass a pidfd of your own VMM process"
+                f"yours (uid {caller.uid}); pass a pidfd of your own VMM process",
+                code=Reason.OWNER_PIDFD,
             )
         return process.pid
 
@@ -616,35 +997,24 @@ class Broker:
             limit = rule.grants.max_leases
             if limit is None:
                 continue
-            held = [
+            held: list[Lease | Pending] = [
                 lease
                 for lease in self.leases.values()
                 if lease.caller.uid == caller.uid and rule.name in lease.rules
+            ]
+            held += [
+                p
+                for p in self._pending.values()
+                if p.caller.uid == caller.uid and rule.name in p.rules
             ]
             if len(held) >= limit:
                 raise PermissionDenied(
                     f"uid {caller.uid} holds {len(held)} lease(s) under rule "
                     f"{rule.name!r} ({rule.source}), which allows "
                     f"max-leases = {limit}: "
-                    + ", ".join(f"{lease.id} ({lease.state.value})" for lease in held)
+                    + ", ".join(_held_text(h) for h in held)
                     + "; release one first"
                 )
-
-    def _bind_plan(self, the_plan: Plan, moved: list[PciAddress]) -> None:
-        """Move what the plan says must move (recording it in ``moved`` as it
-        goes); a device without an IOMMU group needs the kernel's unsafe
-        no-IOMMU mode first (the plan has checked all three consents)."""
-        if not the_plan.moving:
-            return
-        if any(g.group is None for g in the_plan.groups):
-            sysfs = self.binder.sysfs
-            if not noiommu.enabled(sysfs):
-                log.warning("turning on the kernel's unsafe no-IOMMU mode")
-                try:
-                    noiommu.enable(sysfs)
-                except HostError as e:
-                    raise KernelError(e.errno or errno.EIO, str(e)) from e
-        self._bind_devices(the_plan.moving, allow_critical=the_plan.allow_critical, moved=moved)
 
     def _leased_groups(self, the_plan: Plan) -> tuple[IommuGroup, ...]:
         """The plan's groups as they are now that members moved, each viable."""
@@ -667,47 +1037,18 @@ class Broker:
                 )
         return tuple(groups.values())
 
-    def _bind_devices(
-        self,
-        addresses: Sequence[PciAddress],
-        *,
-        allow_critical: Iterable[PciAddress],
-        moved: list[PciAddress],
-    ) -> None:
-        log.info("binding %s to vfio-pci", ", ".join(str(a) for a in addresses))
-        try:
-            records = self.binder.bind_all(
-                addresses,
-                allow_critical=set(allow_critical),
-                critical=self.critical(),  # acquire's fresh scan (managed=true)
-            )
-        except HostError as e:
-            if e.errno == errno.EPERM:
-                raise HostCritical(str(e)) from e
-            raise KernelError(e.errno or errno.EIO, str(e)) from e
-        finally:
-            self.host.refresh(addresses)
-        moved.extend(PciAddress.parse(r.address) for r in records)
-
-    def _undo_binding(self, moved: Sequence[PciAddress]) -> None:
-        if not moved:
-            return
-        try:
-            self.binder.restore_all(reversed(moved))
-        except HostError as e:
-            log.error("putting devices back after a failed acquire: %s", e)
-        self.host.refresh(moved)
-
-    def _open(self, lease: Lease, options: AcquireOptions) -> dict[str, int]:
+    async def _open(
+        self, lease: Lease, options: AcquireOptions, pending: Pending
+    ) -> dict[str, int]:
         """Open what the client gets; vfiod keeps group and container (or
         iommufd) fds — owning the open group is owning the group — and hands
         out duplicates and device fds."""
         fds: dict[str, int] = {}
         try:
             if lease.backend is Backend.LEGACY:
-                self._open_legacy(lease, options, fds)
+                await self._open_legacy(lease, options, fds, pending)
             else:
-                self._open_iommufd(lease, fds)
+                await self._open_iommufd(lease, fds, pending)
         except BaseException as e:
             for fd in fds.values():
                 os.close(fd)
@@ -723,14 +1064,17 @@ class Broker:
         # Bridges and unbound members have no device fd.
         return [d for d in group.devices if is_vfio_driver(d.driver)]
 
-    def _open_legacy(self, lease: Lease, options: AcquireOptions, fds: dict[str, int]) -> None:
+    async def _open_legacy(
+        self, lease: Lease, options: AcquireOptions, fds: dict[str, int], pending: Pending
+    ) -> None:
         container = Container.open(self.kernel, os.path.join(self.dev_vfio, "vfio"))
         lease.handles.append(container)
         groups: list[tuple[Group, IommuGroup]] = []
         for info in lease.groups:
-            group = _appearing(
-                functools.partial(Group.open, self.kernel, info.node_name, dev_dir=self.dev_vfio)
+            opening = functools.partial(
+                Group.open, self.kernel, info.node_name, dev_dir=self.dev_vfio
             )
+            group = await _appearing(opening, pending.check)
             lease.handles.append(group)
             groups.append((group, info))
             cross_check_viability(info, group.viable)
@@ -745,7 +1089,7 @@ class Broker:
                     with group.open_device(member.address) as device:
                         fds[f"device:{member.address}"] = os.dup(device.fileno())
 
-    def _open_iommufd(self, lease: Lease, fds: dict[str, int]) -> None:
+    async def _open_iommufd(self, lease: Lease, fds: dict[str, int], pending: Pending) -> None:
         iommufd = IommuFd.open(self.kernel)
         lease.handles.append(iommufd)
         fds["iommufd"] = os.dup(iommufd.fileno())
@@ -757,7 +1101,7 @@ class Broker:
                 address = str(member.address)
                 path = cdev_path(address, sysfs=self.binder.sysfs.root)
                 opening = functools.partial(CdevDevice.open, self.kernel, path, address)
-                with _appearing(opening) as cdev:
+                with await _appearing(opening, pending.check) as cdev:
                     # Unbound: the VMM binds it to its own iommufd and attaches.
                     fds[f"device:{member.address}"] = os.dup(cdev.fileno())
 
@@ -922,8 +1266,9 @@ class Broker:
 
     def drain(self) -> list[Lease]:
         """Free every draining lease whose groups nobody holds any more, and
-        give its devices back. Returns the leases freed now. Call it again
-        later for the others (the daemon does, on a timer)."""
+        give its devices back (on the worker: the lease is ``restoring``
+        until they are). Returns the leases this began to free. Call it
+        again later for the others (the daemon does, on a timer)."""
         freed = []
         for lease in list(self.leases.values()):
             if lease.state is LeaseState.DRAINING and self._groups_free(lease):
@@ -931,13 +1276,17 @@ class Broker:
                 freed.append(lease)
         for address in [a for a in self._orphans if not self._group_busy(a)]:
             self._orphans.discard(address)
-            try:
-                self.binder.restore_all([address])
-            except HostError as e:
-                log.error("giving back %s after a restart: %s", address, e)
-            if address in self.host.inventory.devices:
-                self.host.refresh([address])
+            self.worker.start(
+                functools.partial(self.binder.restore_all, [address], self._progress("", "")),
+                functools.partial(self._orphan_restored, address),
+            )
         return freed
+
+    def _orphan_restored(self, address: PciAddress, _: None, error: BaseException | None) -> None:
+        if error is not None:
+            log.error("giving back %s after a restart: %s", address, error)
+        if address in self.host.inventory.devices:
+            self.host.refresh([address])
 
     def _group_free(self, node: str, what: str) -> bool:
         try:
@@ -961,17 +1310,29 @@ class Broker:
         return group is not None and not self._group_free(group.node_name, str(address))
 
     def _free(self, lease: Lease) -> None:
+        """Nobody holds the lease's groups: give its devices back, then forget
+        it. Until they are back its groups stay taken (``restoring``)."""
+        if lease.moved and lease.restore:
+            lease.state = LeaseState.RESTORING
+            self.worker.start(
+                functools.partial(
+                    self.binder.restore_all, lease.moved, self._progress(lease.id, lease.owner)
+                ),
+                functools.partial(self._restored, lease),
+            )
+            return
+        for address in lease.moved:  # policy says: leave them on vfio-pci
+            self.binder.forget(address)
+        self._forget(lease)
+
+    def _restored(self, lease: Lease, _: None, error: BaseException | None) -> None:
+        if error is not None:
+            log.error("lease %s: %s", lease.id, error)
+        self.host.refresh(a for a in lease.moved if a in self.host.inventory.devices)
+        self._forget(lease)
+
+    def _forget(self, lease: Lease) -> None:
         lease.state = LeaseState.FREE
-        if lease.moved:
-            if lease.restore:
-                try:
-                    self.binder.restore_all(lease.moved)
-                except HostError as e:
-                    log.error("lease %s: %s", lease.id, e)
-                self.host.refresh(a for a in lease.moved if a in self.host.inventory.devices)
-            else:
-                for address in lease.moved:  # policy says: leave them on vfio-pci
-                    self.binder.forget(address)
         self._remove_lease(lease)
         self.binder.state.update(lambda s: s.without_lease(lease.id))
         _audit(
@@ -987,8 +1348,12 @@ class Broker:
         self._notify(lease, LeaseChange.FREED)
 
     def end_owner(self, owner: str, reason: str) -> None:
-        """The bus name ``owner`` is gone: end its leases, except those that
-        follow an owner process instead."""
+        """The bus name ``owner`` is gone: stop its requests in progress (no
+        answer can reach it), end its leases, except those that follow an
+        owner process instead."""
+        for pending in list(self._pending.values()):
+            if pending.owner == owner:
+                pending.stop(Cancelled(f"the request's caller left: {reason}"))
         for lease in list(self.leases.values()):
             if lease.owner == owner and lease.owner_pidfd is None:
                 self.end(lease, reason)
@@ -1213,6 +1578,7 @@ class Broker:
         """vfiod is restarting and systemd keeps the leases' fds: leave every
         lease as it is for the next process, undoing nothing. Returns how many."""
         kept = 0
+        self._stop_requests("vfiod is restarting")
         for lease in self.leases.values():
             if lease.state is LeaseState.ACTIVE and lease.stored:
                 kept += 1
@@ -1229,17 +1595,33 @@ class Broker:
         return kept
 
     def shutdown(self) -> None:
-        """vfiod is stopping: end every lease; give back what is free now."""
+        """vfiod is stopping: stop every request, end every lease; give back
+        what is free now."""
+        self._stop_requests("vfiod is stopping")
         for lease in list(self.leases.values()):
             self.end(lease, "vfiod is stopping")
+
+    def _stop_requests(self, reason: str) -> None:
+        for pending in self._pending.values():
+            pending.stop(Cancelled(f"{reason}; ask again once it is back"))
+
+    @property
+    def busy(self) -> bool:
+        """Is anything left to finish: leases, requests, devices going back?"""
+        return bool(self.leases or self._pending or self._background)
 
 
 T = TypeVar("T")
 
 
-def _appearing(open_node: Callable[[], T], timeout: float = NODE_TIMEOUT) -> T:
+async def _appearing(
+    open_node: Callable[[], T],
+    check: Callable[[], None] = lambda: None,
+    timeout: float = NODE_TIMEOUT,
+) -> T:
     """Open a VFIO node that may not exist yet: devtmpfs and udev create it
-    a moment after a device is bound to vfio-pci."""
+    a moment after a device is bound to vfio-pci. Waits on the loop, up to
+    ``timeout``, or until ``check`` raises (the request must stop)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -1247,7 +1629,20 @@ def _appearing(open_node: Callable[[], T], timeout: float = NODE_TIMEOUT) -> T:
         except VfioError as e:
             if e.errno != errno.ENOENT or time.monotonic() > deadline:
                 raise
-        time.sleep(0.01)
+        check()
+        await asyncio.sleep(0.01)
+
+
+def _reply_margin(timeout: float) -> float:
+    """How much sooner than its caller vfiod gives up on a request, so that
+    an answer is on its way before the caller stops waiting for it."""
+    return min(REPLY_MARGIN, timeout / 10)
+
+
+def _held_text(held: Lease | Pending) -> str:
+    if isinstance(held, Pending):
+        return f"request {held.request_id or held.token} (in progress)"
+    return f"{held.id} ({held.state.value})"
 
 
 def _name(lookup: Callable[[int], Any], key: int) -> str | None:

@@ -36,11 +36,13 @@ import select
 import signal
 import stat
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
 from vfiod import __version__
 from vfiod.client import (
+    ACQUIRE_TIMEOUT,
+    ERROR_PREFIX,
     MANAGER_PATH,
     Access,
     Client,
@@ -49,10 +51,12 @@ from vfiod.client import (
     Inventory,
     Lease,
     LeaseInfo,
+    Progress,
     VfiodError,
     lease_path,
 )
 from vfiod.pci import AddressError, PciAddress
+from vfiod.reasons import Reason
 from vfiod.report import table
 
 PROG = "vfioctl"
@@ -63,23 +67,12 @@ EXIT_CANNOT_RUN = 126  # as shells: found but not executable
 EXIT_NOT_FOUND = 127  # as shells: no such command
 
 NO_OBJECT = "/"
-VFIO_PCI = "vfio-pci"
 BRIDGE_CLASS = 0x06  # PCI base class: bridge
 LEASE_PREFIX = f"{MANAGER_PATH}/lease/"
 _LEASE_ID = re.compile(r"[A-Za-z0-9_]+")
 # Signals `run` passes on to its command, and `acquire` ends on.
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 SI_KERNEL = 0x80  # siginfo si_code of a signal the kernel sent (a terminal's ^C)
-
-# vfiod words its advice in D-Bus options; here they are command-line options.
-_CLI_WORDS = (
-    ("the option unsafe-noiommu = true", "--unsafe-noiommu"),
-    ("unsafe-noiommu=true", "--unsafe-noiommu"),
-    ("managed=true", "--managed"),
-    ("open-devices=false", "--no-open-devices"),
-    ("backend=legacy", "--backend legacy"),
-    ("backend=iommufd", "--backend iommufd"),
-)
 
 
 class UsageError(Exception):
@@ -97,13 +90,6 @@ def say(*lines: str) -> None:
     """Progress and notes, for people: on stderr, so stdout stays the answer."""
     for line in lines:
         print(f"{PROG}: {line}", file=sys.stderr, flush=True)
-
-
-def plain(message: str) -> str:
-    """vfiod's message on one line, with D-Bus options named as our options."""
-    for wire, cli in _CLI_WORDS:
-        message = message.replace(wire, cli)
-    return " ".join(message.split())
 
 
 def print_json(value: object) -> None:
@@ -179,26 +165,6 @@ class View:
             if name in (node_name(group), group.path) or (not group.noiommu and name == group.id):
                 return group
         return None
-
-    def rebinds(self, addresses: Sequence[str]) -> list[DeviceInfo]:
-        """The devices a managed Acquire of ``addresses`` would move to
-        vfio-pci: the members of their groups that keep the group from being
-        viable, or the device itself where it has no IOMMU group."""
-        moving: dict[str, DeviceInfo] = {}
-        devices = self.inventory.devices
-        for text in addresses:
-            device = devices.get(_address(text))
-            if device is None:
-                continue  # vfiod says what is wrong with it
-            group = self.group_of(device)
-            if group is None:
-                if device.driver != VFIO_PCI:
-                    moving[device.address] = device
-                continue
-            for address, _reason in group.blockers:
-                if address in devices:
-                    moving[address] = devices[address]
-        return list(moving.values())
 
 
 def _address(text: str) -> str:
@@ -291,7 +257,20 @@ def _lease_json(lease: LeaseInfo) -> dict[str, object]:
 
 
 def _access_json(access: Access) -> dict[str, object]:
-    return {"device": access.device, "allowed": access.allowed, "reason": access.reason}
+    """CheckAccess's answer as vfiod gave it, and vfioctl's next step for it."""
+    return {
+        "device": access.device,
+        "allowed": access.allowed,
+        "reason": access.reason,
+        "code": access.code,
+        "move": list(access.move),
+        "blocker": access.blocker or None,
+        "group": access.group or None,
+        "holder": lease_id(access.holder),
+        "companions": list(access.companions),
+        "backends": list(access.backends),
+        "next": _advice(access),
+    }
 
 
 def _device_row(device: DeviceInfo) -> tuple[str, str, str, str]:
@@ -359,7 +338,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- show
+# -- the request options of show, check, acquire and run
 
 
 def _request_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -373,46 +352,86 @@ def _request_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _verdict(
-    view: View, devices: Sequence[DeviceInfo], accesses: Sequence[Access], managed: bool
+# -- what to do next: from CheckAccess's reason codes, never from its words
+
+
+def _wait(access: Access) -> str:
+    held = lease_id(access.holder)
+    return f"wait for lease {held} to end" if held else "wait for that request to end"
+
+
+# The next step on vfioctl's command line, by vfiod's reason code. Codes not
+# here need no option of ours: vfiod's reason says who can change them.
+_ADVICE: dict[str, Callable[[Access], str | None]] = {
+    Reason.NEEDS_MANAGED: lambda a: (
+        f"ask with --managed: vfiod moves {', '.join(a.move)} to vfio-pci where policy allows it"
+    ),
+    Reason.UNSAFE_CONSENT: lambda a: (
+        "ask with --unsafe-noiommu, if whoever holds the device may reach all of the host's memory"
+    ),
+    Reason.BACKEND: lambda a: (
+        "ask with " + " or ".join(f"--backend {b}" for b in a.backends) if a.backends else None
+    ),
+    Reason.TOO_MANY_FDS: lambda a: (
+        f"ask with --no-open-devices (`{PROG} acquire` and `{PROG} run` take it), or for "
+        "fewer devices at a time"
+    ),
+    Reason.MAX_LEASES: lambda a: f"release one of your leases first (`{PROG} list` shows them)",
+    Reason.BUSY: _wait,
+}
+
+
+def _advice(access: Access) -> str | None:
+    """The next step for ``access`` on our command line, or None."""
+    advise = _ADVICE.get(access.code)
+    return advise(access) if advise is not None else None
+
+
+def _option_words(args: argparse.Namespace) -> str:
+    """The request options of ``args`` as typed, to repeat in advice."""
+    words = [f"--backend {args.backend}"] if args.backend is not None else []
+    words += ["--managed"] if args.managed else []
+    words += ["--unsafe-noiommu"] if args.unsafe_noiommu else []
+    return "".join(f"{w} " for w in words)
+
+
+def _next_step(
+    view: View, accesses: Sequence[Access], args: argparse.Namespace
 ) -> tuple[bool, str]:
-    """Could the caller acquire ``devices`` now, and what to do next."""
-    denied = [a.device for a in accesses if not a.allowed]
-    devices = [d for d in devices if d.address not in denied]
-    if not devices:
-        return False, f"no: vfiod denies you {', '.join(denied)} (the reason says what to do)"
-    addresses = " ".join(d.address for d in devices)
+    """Could the caller acquire these devices now, and what to do next:
+    from vfiod's answer, by its codes."""
+    refused = next((a for a in accesses if not a.allowed), None)
+    if refused is not None:
+        by = f", by {refused.blocker}" if refused.blocker not in ("", refused.device) else ""
+        advice = _advice(refused) or "vfiod says why, and who can change that"
+        return False, f"no ({refused.code}{by}): {advice}"
+    busy = next((a for a in accesses if a.code == Reason.BUSY), None)
+    if busy is not None:
+        return False, f"not now: {_advice(busy)}"
+    addresses = " ".join(a.device for a in accesses)
+    command = f"`{PROG} acquire {_option_words(args)}{addresses}`"
+    moving = list(dict.fromkeys(m for a in accesses for m in a.move))
+    companions = list(dict.fromkeys(c for a in accesses for c in a.companions))
     also = (
-        f"; {', '.join(denied)} (denied to you) would come along as group companions, "
-        "which the policy rule must allow (companions = true)"
-        if denied
-        else ""
+        f"; the lease also reaches {', '.join(companions)} (same IOMMU group)" if companions else ""
     )
-    groups = {g.path: g for d in devices if (g := view.group_of(d)) is not None}
-    for group in groups.values():
-        lease = view.lease(group.lease)
-        if lease is not None:
-            return False, f"not now: IOMMU group {node_name(group)} is leased to {_holder(lease)}"
-    moving = view.rebinds([d.address for d in devices])
-    critical = [d.address for d in moving if d.host_critical]
-    if critical:
-        return False, (
-            f"no: {', '.join(critical)} is host-critical, and vfiod unbinds it only where "
-            "a policy rule names it by address"
+    if moving:
+        devices = view.inventory.devices
+        names = ", ".join(
+            f"{m} ({devices[m].driver or 'no driver'})" if m in devices else m for m in moving
         )
-    if not moving:
-        return True, f"yes: `{PROG} acquire {addresses}`, or `{PROG} run --device ...`{also}"
-    names = ", ".join(f"{d.address} ({d.driver or 'no driver'})" for d in moving)
-    if managed:
-        return True, (
-            f"yes, if policy lets vfiod rebind (managed = true in the rule): `{PROG} acquire "
-            f"--managed {addresses}` moves {names} to vfio-pci and back afterwards{also}"
-        )
-    return False, (
-        f"not as it is: {names} must move to vfio-pci first; `{PROG} acquire --managed "
-        f"{addresses}` lets vfiod do it where policy allows (managed = true in the rule, "
-        f"and companions = true for group members you do not name){also}"
-    )
+        return True, f"yes: {command} moves {names} to vfio-pci and back afterwards{also}"
+    return True, f"yes: {command}, or `{PROG} run --device ...`{also}"
+
+
+# -- show
+
+
+def _you(access: Access) -> str:
+    """vfiod's answer for one device, in one line."""
+    verdict = "allowed" if access.allowed else "denied"
+    code = "" if access.code == Reason.ALLOWED else f" ({access.code})"
+    return f"{verdict}{code}: {access.reason}"
 
 
 def _show_device(client: Client, view: View, device: DeviceInfo, args: argparse.Namespace) -> int:
@@ -420,7 +439,7 @@ def _show_device(client: Client, view: View, device: DeviceInfo, args: argparse.
     lease = view.lease(device.lease)
     [access] = client.check_access([device.address], **_request_options(args))
     members = view.members(group) if group is not None else [device]
-    ok, verdict = _verdict(view, [device], [access], args.managed)
+    ok, verdict = _next_step(view, [access], args)
     if args.json:
         print_json(
             {
@@ -453,7 +472,7 @@ def _show_device(client: Client, view: View, device: DeviceInfo, args: argparse.
             lines.append(("", f"shared with {', '.join(others)}: a lease takes the whole group"))
         lines += [("", f"not viable: {reason}") for _a, reason in group.blockers]
     lines.append(("lease", _holder(lease) if lease is not None else "none"))
-    lines.append(("you", f"{'allowed' if access.allowed else 'denied'}: {plain(access.reason)}"))
+    lines.append(("you", _you(access)))
     lines.append(("verdict", verdict))
     _print_fields(lines)
     return EXIT_OK
@@ -468,7 +487,7 @@ def _show_group(client: Client, view: View, group: GroupInfo, args: argparse.Nam
     by_device = {a.device: a for a in accesses}
     lease = view.lease(group.lease)
     ok, verdict = (
-        _verdict(view, asked, accesses, args.managed)
+        _next_step(view, accesses, args)
         if asked
         else (False, "no: nothing in this group can be given to a VM")
     )
@@ -495,16 +514,19 @@ def _show_group(client: Client, view: View, group: GroupInfo, args: argparse.Nam
         ]
     )
     rows: list[Sequence[str] | str] = []
+    blockers = {a.blocker: a.code for a in accesses if not a.allowed and a.blocker}
     for device in members:
         access = by_device.get(device.address)
         you = "-" if access is None else ("allowed" if access.allowed else "denied")
         rows.append((device.address, you, *_device_row(device)[1:]))
         rows.extend(_device_notes(device))
-        if access is not None and not access.allowed:
-            rows.append(f"denied: {plain(access.reason)}")
+        if device.address in blockers:
+            rows.append(f"refuses the lease: {blockers[device.address]}")
     rows.extend(f"not viable: {reason}" for _a, reason in group.blockers)
     print(table(("DEVICE", "YOU", "IDS", "DRIVER", "DESCRIPTION"), rows))
-    _print_fields([("verdict", verdict)])
+    # One request for the whole group: its members share vfiod's answer.
+    answer = next((a for a in accesses if not a.allowed), accesses[0] if accesses else None)
+    _print_fields([*([("you", _you(answer))] if answer is not None else []), ("verdict", verdict)])
     return EXIT_OK
 
 
@@ -543,8 +565,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print_json([_access_json(a) for a in accesses])
     else:
-        rows = [(a.device, "allowed" if a.allowed else "denied", plain(a.reason)) for a in accesses]
-        print(table(("DEVICE", "YOU", "REASON"), rows))
+        rows: list[Sequence[str] | str] = []
+        for a in accesses:
+            rows.append((a.device, "allowed" if a.allowed else "denied", a.code, a.reason))
+            if a.move:
+                rows.append(f"moves to vfio-pci: {', '.join(a.move)}")
+            if a.companions:
+                rows.append(f"also reaches: {', '.join(a.companions)} (not asked for)")
+            if a.holder != NO_OBJECT and a.code != Reason.BUSY:
+                rows.append(f"leased now: lease {lease_id(a.holder)}")
+            advice = _advice(a)
+            if advice is not None:
+                rows.append(f"next: {advice}")
+        print(table(("DEVICE", "YOU", "CODE", "REASON"), rows))
     return EXIT_OK if all(a.allowed for a in accesses) else EXIT_FAILURE
 
 
@@ -595,33 +628,48 @@ def _explain(args: argparse.Namespace, addresses: Sequence[str]) -> int:
 # -- acquire and release
 
 
+class _Moves:
+    """vfiod's progress on the devices it moves for our request, as lines on
+    stderr; which devices it moved, and from which driver."""
+
+    def __init__(self) -> None:
+        self.moved: dict[str, str] = {}  # address -> the driver it left
+
+    def __call__(self, step: Progress) -> None:
+        driver = step.driver or "no driver"
+        if step.step == "bind":
+            say(f"moving {step.device} from {driver} to vfio-pci")
+        elif step.step == "moving":
+            say(f"still moving {step.device} from {driver}: {step.elapsed:.0f} s so far")
+        elif step.step == "bound":
+            self.moved[step.device] = step.driver
+            say(f"{step.device} is on vfio-pci ({step.elapsed:.1f} s)")
+        elif step.step == "restore":
+            say(f"putting {step.device} back on {driver}")
+        elif step.step == "restored":
+            self.moved.pop(step.device, None)
+            say(f"{step.device} is back on {driver} ({step.elapsed:.1f} s)")
+        elif step.step == "failed":
+            say(f"{step.device} did not move after {step.elapsed:.1f} s (vfiod says why)")
+
+
 def _acquire(
     client: Client, addresses: Sequence[str], args: argparse.Namespace, **extra: Any
-) -> tuple[Lease, list[DeviceInfo]]:
-    """Acquire, with progress lines on stderr when vfiod rebinds devices; the
-    lease and the devices vfiod moved to vfio-pci (as they were before)."""
+) -> tuple[Lease, dict[str, str]]:
+    """Acquire, with a line on stderr for each step of each device vfiod
+    moves; the lease and the devices moved to vfio-pci, with the drivers
+    they left."""
     options = _request_options(args)
     if not args.open_devices:
         options["open_devices"] = False
     if args.label is not None:
         options["label"] = args.label
-    moving: list[DeviceInfo] = []
-    if args.managed:
-        moving = View(client.inventory()).rebinds(addresses)
-        if moving:
-            asked = client.check_access(addresses, **_request_options(args))
-            if not all(a.allowed for a in asked):
-                moving = []  # vfiod refuses before it binds anything: no progress to show
-    if moving:
-        names = ", ".join(f"{d.address} ({d.driver or 'no driver'})" for d in moving)
-        say(f"binding {names} to vfio-pci; this may take a few seconds")
-    lease = client.acquire(addresses, **options, **extra)
-    if moving:
-        say(f"bound to vfio-pci: {', '.join(d.address for d in moving)}")
-    return lease, moving
+    moves = _Moves()
+    lease = client.acquire(addresses, timeout=args.timeout, progress=moves, **options, **extra)
+    return lease, moves.moved
 
 
-def _release(client: Client, lease: Lease, moved: Sequence[DeviceInfo] = ()) -> None:
+def _release(client: Client, lease: Lease, moved: Mapping[str, str] | None = None) -> None:
     lease.close()
     try:
         client.release(lease)
@@ -629,8 +677,8 @@ def _release(client: Client, lease: Lease, moved: Sequence[DeviceInfo] = ()) -> 
         if e.kind != "NotFound":
             raise
         say(f"lease {lease.id} had ended already")
-    if moved:
-        back = ", ".join(f"{d.address} back on {d.driver}" for d in moved if d.driver)
+    back = ", ".join(f"{a} back on {d}" for a, d in (moved or {}).items() if d)
+    if back:
         say(f"vfiod puts {back}")
 
 
@@ -886,7 +934,7 @@ def _released_anyway(lease: Lease) -> Iterator[None]:
     try:
         yield
     except VfiodError as e:
-        say(f"releasing lease {lease.id} failed ({plain(e.message)}); it ends as vfioctl exits")
+        say(f"releasing lease {lease.id} failed ({e.message}); it ends as vfioctl exits")
 
 
 # -- the command line
@@ -949,6 +997,24 @@ def _lease_arguments(p: argparse.ArgumentParser) -> None:
         "for VMMs that add the group to KVM first",
     )
     p.add_argument("--label", help="a name for the lease in vfiod's audit log (the VM's name)")
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=ACQUIRE_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for vfiod to move the devices and grant the lease; past it "
+        f"vfiod puts back what it moved (default: {ACQUIRE_TIMEOUT:g})",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 1 to 3600")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -987,7 +1053,9 @@ def parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser(
         "check",
         help="may you (or --user) have these devices, and why",
-        description="Ask vfiod whether it would give you the devices, and why (not). "
+        description="Ask vfiod whether it would give you the devices, and why (not): per "
+        "device its reason code and reason, what would move to vfio-pci, the group members "
+        "the lease would also reach, and the next step. "
         "vfiod answers only for its caller: with --user NAME, vfioctl instead explains "
         "the policy files on this host for that user, as `vfiod check-policy --explain "
         "ADDRESS --user NAME` does (it needs to read /etc/vfiod, and a running vfiod "
@@ -1050,6 +1118,39 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# The errors a refusal of Acquire's plan comes as.
+_PLAN_ERRORS = frozenset(
+    ERROR_PREFIX + kind
+    for kind in (
+        "PermissionDenied",
+        "NotViable",
+        "Unsafe",
+        "HostCritical",
+        "InvalidArgument",
+        "NotSupported",
+    )
+)
+
+
+def _refusal_hint(args: argparse.Namespace, error: VfiodError) -> str | None:
+    """After a refused acquire or run, the next step on our command line:
+    CheckAccess with the same options finds the same refusal when it came
+    from the plan, and its code says what to do."""
+    if args.command_name not in ("acquire", "run") or error.name not in _PLAN_ERRORS:
+        return None
+    options = _request_options(args)
+    if not args.open_devices:
+        options["open_devices"] = False
+    devices = args.devices if args.command_name == "acquire" else args.device
+    try:
+        with connect() as client:
+            accesses = client.check_access(_addresses(devices), **options)
+    except VfiodError:
+        return None  # no hint, then: the refusal itself is said
+    same = (a for a in accesses if not a.allowed and a.reason == error.message)
+    return next((advice for a in same if (advice := _advice(a)) is not None), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
@@ -1059,8 +1160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except (UsageError, CommandFailedError, VfiodError) as e:
-        message = plain(e.message) if isinstance(e, VfiodError) else str(e)
-        print(f"{PROG}: {message}", file=sys.stderr)
+        print(f"{PROG}: {e.message if isinstance(e, VfiodError) else e}", file=sys.stderr)
+        hint = _refusal_hint(args, e) if isinstance(e, VfiodError) else None
+        if hint is not None:
+            print(f"{PROG}: {hint}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILURE
     except KeyboardInterrupt:
         return 128 + signal.SIGINT

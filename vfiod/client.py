@@ -19,12 +19,15 @@ it); fds passed in (owner-pidfd, a memfd) stay the caller's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import errno
 import os
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, cast
 
@@ -42,6 +45,15 @@ LEASE = "org.vfiod1.Lease"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 ERROR_PREFIX = "org.vfiod1.Error."
+NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
+TIMED_OUT = "org.freedesktop.DBus.Error.Timeout"
+DISCONNECTED = "org.freedesktop.DBus.Error.Disconnected"
+
+# How long Acquire waits by default: a GPU can take seconds to unbind, a
+# driver's module up to a minute to load. vfiod hears it (option timeout)
+# and gives up — putting back what it moved — before the client would.
+ACQUIRE_TIMEOUT = 300.0
+TICK = 5.0  # seconds between "still moving" reminders
 
 
 class VfiodError(Exception):
@@ -142,9 +154,20 @@ class Lease:
 
 @dataclasses.dataclass(frozen=True)
 class Access:
+    """CheckAccess's answer for one device: vfiod's plan for it. ``code`` is
+    one of vfiod.reasons.Reason, or a newer one (a refusal ``reason``
+    explains); ``reason`` is for people."""
+
     device: str
     allowed: bool
     reason: str
+    code: str
+    move: tuple[str, ...]  # what vfiod would move to vfio-pci for the device's group
+    blocker: str  # the member that refuses; "" if none does
+    group: str  # the group's node name; "" without one
+    holder: str  # the lease object path holding the group now; "/" if none
+    companions: tuple[str, ...]  # members the lease would reach that were not asked for
+    backends: tuple[str, ...]  # for code "backend": the backends that would do
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +213,7 @@ class LeaseDetails:
     owner_pid: int  # of the process the lease follows (0: it follows the bus connection)
     unit: str
     label: str
-    state: str  # "active", "draining"
+    state: str  # "active", "draining", "restoring" (its devices going back)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,8 +285,14 @@ def _options(
     open_devices: bool | None = None,
     owner_pidfd: int | None = None,
     label: str | None = None,
+    request_id: str | None = None,
+    timeout: float | None = None,
 ) -> dict[str, tuple[str, Any]]:
     options: dict[str, tuple[str, Any]] = {}
+    if request_id is not None:
+        options["request-id"] = ("s", request_id)
+    if timeout is not None:
+        options["timeout"] = ("u", round(timeout * 1000))
     if backend is not None:
         options["backend"] = ("s", str(backend))
     if managed is not None:
@@ -392,8 +421,48 @@ def _acquired(reply: SdBusMessage) -> Lease:
     return Lease(str(path), {str(k): int(v) for k, v in fds.items()})
 
 
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """A step of a device moving between drivers for your request (vfiod's
+    Progress signal), or, with step "moving", a reminder from the client
+    that it still is."""
+
+    device: str
+    step: str  # "bind", "bound", "restore", "restored", "failed"; "moving"
+    driver: str  # the driver it leaves (bind) or goes back to (restore)
+    elapsed: float  # seconds since it began to move
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def _request_id() -> str:
+    return secrets.token_hex(8)
+
+
+def _timed_out(e: VfiodError) -> bool:
+    return e.name in (NO_REPLY, TIMED_OUT) or (e.name == DISCONNECTED and "timed out" in e.message)
+
+
 def _accesses(reply: SdBusMessage) -> list[Access]:
-    return [Access(d, bool(a), r) for d, a, r in _value(reply)]
+    results = []
+    for device, allowed, reason, details in _value(reply):
+        d = _unwrap(details)  # (keys it does not know yet are left)
+        results.append(
+            Access(
+                device=device,
+                allowed=bool(allowed),
+                reason=reason,
+                code=d["code"],
+                move=tuple(d["move"]),
+                blocker=d["blocker"],
+                group=d["group"],
+                holder=d["holder"],
+                companions=tuple(d["companions"]),
+                backends=tuple(d["backends"]),
+            )
+        )
+    return results
 
 
 class Client:
@@ -409,10 +478,58 @@ class Client:
         except BusErrors as e:
             raise _error(e) from None
 
-    def acquire(self, devices: Sequence[str], **options: Any) -> Lease:
-        """Options: backend, managed, unsafe_noiommu, open_devices, owner_pidfd, label."""
-        message = _call(self.bus, MANAGER, "Acquire", "asa{sv}", list(devices), _options(**options))
-        return _acquired(self._send(message))
+    def acquire(
+        self,
+        devices: Sequence[str],
+        *,
+        timeout: float = ACQUIRE_TIMEOUT,
+        progress: ProgressCallback | None = None,
+        **options: Any,
+    ) -> Lease:
+        """Options: backend, managed, unsafe_noiommu, open_devices, owner_pidfd,
+        label. Waits up to ``timeout`` seconds, and vfiod knows it: if the
+        devices cannot be moved in time it puts them back and says TimedOut.
+        If the wait ends otherwise (^C, a lost reply), the request is
+        cancelled, so no lease is left behind unknown. ``progress`` hears
+        each device's steps as it moves."""
+        if progress is not None:
+            # Signals are read by the asyncio client; the bus stays this one.
+            return asyncio.run(
+                AsyncClient(self.bus).acquire(
+                    devices, timeout=timeout, progress=progress, **options
+                )
+            )
+        request_id = _request_id()
+        message = _call(
+            self.bus,
+            MANAGER,
+            "Acquire",
+            "asa{sv}",
+            list(devices),
+            _options(**options, request_id=request_id, timeout=timeout),
+        )
+        try:
+            with _call_timeout(self.bus, timeout):
+                return _acquired(self._send(message))
+        except VfiodError as e:
+            if _timed_out(e):
+                self._cancel(request_id)
+                raise _waited_too_long(timeout) from None
+            raise
+        except BaseException:  # ^C while vfiod works on it
+            self._cancel(request_id)
+            raise
+
+    def _cancel(self, request_id: str) -> None:
+        """Stop the request, or end the lease it made; it is no error that
+        it has ended already."""
+        with contextlib.suppress(VfiodError):
+            self._send(_call(self.bus, MANAGER, "Cancel", "s", request_id))
+
+    def cancel(self, request_id: str) -> None:
+        """Stop an Acquire this connection sent with ``request_id`` (an
+        option), or end the lease it made."""
+        self._send(_call(self.bus, MANAGER, "Cancel", "s", request_id))
 
     def release(self, lease: Lease | str) -> None:
         self._send(_call(self.bus, MANAGER, "Release", "o", lease_path(lease)))
@@ -496,9 +613,52 @@ class AsyncClient:
         except BusErrors as e:
             raise _error(e) from None
 
-    async def acquire(self, devices: Sequence[str], **options: Any) -> Lease:
-        message = _call(self.bus, MANAGER, "Acquire", "asa{sv}", list(devices), _options(**options))
-        return _acquired(await self._send(message))
+    async def acquire(
+        self,
+        devices: Sequence[str],
+        *,
+        timeout: float = ACQUIRE_TIMEOUT,
+        progress: ProgressCallback | None = None,
+        **options: Any,
+    ) -> Lease:
+        """As Client.acquire; a task cancelled while it waits cancels the request."""
+        request_id = _request_id()
+        message = _call(
+            self.bus,
+            MANAGER,
+            "Acquire",
+            "asa{sv}",
+            list(devices),
+            _options(**options, request_id=request_id, timeout=timeout),
+        )
+        watching = _ProgressWatch(request_id, progress) if progress is not None else None
+        try:
+            if watching is not None:
+                await watching.start(self.bus)
+            with _call_timeout(self.bus, timeout):
+                reply = self.bus.call_async(message)
+            try:
+                return _acquired(await reply)
+            except BusErrors as e:
+                raise _error(e) from None
+        except VfiodError as e:
+            if _timed_out(e):
+                await self._cancel(request_id)
+                raise _waited_too_long(timeout) from None
+            raise
+        except BaseException:
+            await asyncio.shield(self._cancel(request_id))
+            raise
+        finally:
+            if watching is not None:
+                watching.stop()
+
+    async def _cancel(self, request_id: str) -> None:
+        with contextlib.suppress(VfiodError):
+            await self._send(_call(self.bus, MANAGER, "Cancel", "s", request_id))
+
+    async def cancel(self, request_id: str) -> None:
+        await self._send(_call(self.bus, MANAGER, "Cancel", "s", request_id))
 
     async def release(self, lease: Lease | str) -> None:
         await self._send(_call(self.bus, MANAGER, "Release", "o", lease_path(lease)))
@@ -550,6 +710,66 @@ class AsyncClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _call_timeout(bus: SdBus, timeout: float) -> Iterator[None]:
+    """sd-bus takes a call's timeout from its bus when the call is sent."""
+    before = bus.method_call_timeout_usec
+    bus.method_call_timeout_usec = round(timeout * 1_000_000)
+    try:
+        yield
+    finally:
+        bus.method_call_timeout_usec = before
+
+
+def _waited_too_long(timeout: float) -> VfiodError:
+    return VfiodError(
+        ERROR_PREFIX + "TimedOut",
+        f"no answer from vfiod within {timeout:g} s; the request was cancelled, so nothing "
+        "is left leased or moved for it. Ask again with a longer timeout for slow devices",
+    )
+
+
+class _ProgressWatch:
+    """vfiod's Progress signals for one request, and a reminder every TICK
+    seconds for each device still moving."""
+
+    def __init__(self, request: str, callback: ProgressCallback) -> None:
+        self.request = request
+        self.callback = callback
+        self.moving: dict[str, tuple[str, float]] = {}  # device -> (driver, began)
+        self.slot: Any = None
+        self.ticker: asyncio.Task[None] | None = None
+
+    async def start(self, bus: SdBus) -> None:
+        self.slot = await bus.match_signal_async(
+            BUS_NAME, MANAGER_PATH, MANAGER, "Progress", self._heard
+        )
+        self.ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    def _heard(self, message: SdBusMessage) -> None:
+        request, device, step, driver, elapsed_usec = cast(Any, message.get_contents())
+        if request != self.request:
+            return
+        elapsed = elapsed_usec / 1_000_000
+        if step in ("bind", "restore"):
+            self.moving[device] = (driver, time.monotonic())
+        else:
+            self.moving.pop(device, None)
+        self.callback(Progress(device, step, driver, elapsed))
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            for device, (driver, began) in list(self.moving.items()):
+                self.callback(Progress(device, "moving", driver, now - began))
+
+    def stop(self) -> None:
+        if self.ticker is not None:
+            self.ticker.cancel()
+        self.slot = None
 
 
 class _SignalQueue:

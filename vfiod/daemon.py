@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from vfiod.policy.load import PolicyError, PolicyHolder
 from vfiod.service_manager import SystemdFdStore
 from vfiod.state import STATE_PATH, StateError, StateFile
 from vfiod.vfio import Kernel, LinuxKernel
+from vfiod.worker import ThreadWorker
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,9 @@ async def _every(seconds: float, action: Callable[[], object]) -> None:
     while True:
         await asyncio.sleep(seconds)
         try:
-            action()
+            done = action()
+            if inspect.isawaitable(done):
+                await done
         except Exception:
             log.exception("bug: periodic %s failed", getattr(action, "__name__", action))
 
@@ -113,6 +117,7 @@ class Daemon:
         self.bus: SdBus | None = None
         self.service: BusService | None = None
         self.broker: Broker | None = None
+        self.worker: ThreadWorker | None = None
         self.started = _process_start()
         self.repaired = ""  # what start-up had to repair, for the status line
 
@@ -152,6 +157,7 @@ class Daemon:
             # Listen before the scan, so nothing that changes during it is lost.
             self.monitor = UEventMonitor()
         host = Host(parts.sysfs, parts.state, self.hwdb)
+        self.worker = ThreadWorker(asyncio.get_running_loop())
         self.broker = Broker(
             host,
             binder,
@@ -161,6 +167,7 @@ class Daemon:
             fd_store=parts.fd_store,
             dev_vfio=parts.dev_vfio,
             proc=parts.proc,
+            worker=self.worker,
         )
         self.broker.recover(parts.stored_fds())
         return self.broker
@@ -217,7 +224,7 @@ class Daemon:
         still busy then is given back at the next start."""
         assert self.broker is not None
         deadline = time.monotonic() + seconds
-        while self.broker.leases and time.monotonic() < deadline:
+        while self.broker.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
             self.broker.drain()
         for lease in self.broker.leases.values():
@@ -291,6 +298,10 @@ class Daemon:
             self.monitor.close()
         if self.hwdb is not None:
             self.hwdb.close()
+        if self.worker is not None:
+            # A sysfs write in progress cannot be interrupted: wait for it
+            # (the request it serves has been stopped, and undoes itself).
+            await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
 
 
 def run(parts: Parts, main: Callable[[Daemon], Coroutine[Any, Any, None]] | None = None) -> None:

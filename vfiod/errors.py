@@ -8,6 +8,9 @@ from __future__ import annotations
 import errno as errno_
 from typing import ClassVar
 
+from vfiod.pci import PciAddress
+from vfiod.reasons import Reason
+
 ERROR_PREFIX = "org.vfiod1.Error."
 
 
@@ -18,9 +21,22 @@ class BrokerError(Exception):
 
     dbus_name: ClassVar[str] = ERROR_PREFIX + "Failed"
 
-    def __init__(self, message: str) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: Reason | None = None,
+        blocker: PciAddress | None = None,
+        backends: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.message = message
+        # For CheckAccess, set where a refusal is built: its reason code, the
+        # member that refuses (if one does), and for code backend the
+        # backends that would do. None: no CheckAccess answers with it.
+        self.code = code
+        self.blocker = blocker
+        self.backends = backends
 
 
 class PermissionDenied(BrokerError):
@@ -74,6 +90,20 @@ class KernelError(BrokerError):
         )
 
 
+class Cancelled(BrokerError):
+    """The caller cancelled its request (Manager.Cancel), or left; whatever
+    vfiod had changed for it was put back."""
+
+    dbus_name = ERROR_PREFIX + "Cancelled"
+
+
+class TimedOut(BrokerError):
+    """The request could not be done within the time its caller said it
+    waits (the timeout option); whatever vfiod had changed was put back."""
+
+    dbus_name = ERROR_PREFIX + "TimedOut"
+
+
 class InternalError(BrokerError):
     """Anything but a BrokerError escaping a method is a bug in vfiod."""
 
@@ -91,5 +121,7 @@ ALL_ERRORS: tuple[type[BrokerError], ...] = (
     InvalidArgument,
     NotSupported,
     PolicyInvalid,
+    Cancelled,
+    TimedOut,
     KernelError,
 )

@@ -20,6 +20,9 @@ in the rule that lets it be reached; moving a companion also needs
 unbinding it from its driver destroys the VFs (and waits forever on any VF a
 VMM still holds).
 
+Every refusal carries its reason code (vfiod.reasons) and the member that
+refuses, so CheckAccess answers programs without words to parse.
+
 Pure: data in, plan out. The broker does the I/O (resolving addresses,
 scanning host-critical devices) before and the binding after.
 """
@@ -42,6 +45,7 @@ from vfiod.host.inventory import IommuGroup, PciDevice, is_vfio_driver
 from vfiod.pci import PciAddress
 from vfiod.policy.decide import decide
 from vfiod.policy.model import Caller, Decision, Policy, Refusal, Request, Rule
+from vfiod.reasons import Reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +84,15 @@ class GroupPlan:
             return f"IOMMU group {self.group.id}"
         return str(self.requested[0])
 
+    @property
+    def moving(self) -> tuple[PciAddress, ...]:
+        return tuple(m.device.address for m in self.members if m.moves)
+
+    @property
+    def companions(self) -> tuple[PciAddress, ...]:
+        """The members the lease would reach that were not asked for."""
+        return tuple(m.device.address for m in self.members if not m.requested)
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -96,7 +109,7 @@ class Plan:
 
     @property
     def moving(self) -> tuple[PciAddress, ...]:
-        return tuple(m.device.address for g in self.groups for m in g.members if m.moves)
+        return tuple(a for g in self.groups for a in g.moving)
 
     @property
     def allow_critical(self) -> frozenset[PciAddress]:
@@ -135,14 +148,46 @@ class Plan:
 BRIDGE_CLASS = 0x06  # PCI base class of host, PCI and other bridges
 
 
-def refusal_error(decision: Decision, prefix: str = "") -> BrokerError:
-    """The error a refused decision is answered with."""
+def refusal_error(
+    decision: Decision,
+    device: PciDevice,
+    policy: Policy,
+    request: Request,
+    *,
+    companion: bool = False,
+    prefix: str = "",
+) -> BrokerError:
+    """The error a refused decision on ``device`` is answered with."""
+    assert decision.refusal is not None, "a refused decision says why"
     text = prefix + (" ".join(decision.reasons) or "denied by policy")
+    rule = decision.rule
+    code = Reason.COMPANION_DENIED if companion else _REFUSAL_CODES[decision.refusal]
+    backends: tuple[str, ...] = ()
+    if code is Reason.BACKEND and rule is not None:
+        backends = rule.grants.backends
+    if (
+        code is Reason.UNSAFE_NOT_ALLOWED
+        and policy.settings.allow_unsafe_noiommu
+        and rule is not None
+        and rule.grants.unsafe_noiommu
+        and not request.unsafe_noiommu
+    ):
+        code = Reason.UNSAFE_CONSENT  # what is missing is the caller's to give
+    error_class: type[BrokerError] = PermissionDenied
     if decision.refusal is Refusal.HOST_CRITICAL:
-        return HostCritical(text)
-    if decision.refusal is Refusal.UNSAFE_NOIOMMU:
-        return Unsafe(text)
-    return PermissionDenied(text)
+        error_class = HostCritical
+    elif decision.refusal is Refusal.UNSAFE_NOIOMMU:
+        error_class = Unsafe
+    return error_class(text, code=code, blocker=device.address, backends=backends)
+
+
+_REFUSAL_CODES = {
+    Refusal.NO_RULE: Reason.NO_RULE,
+    Refusal.DENY_RULE: Reason.DENY_RULE,
+    Refusal.HOST_CRITICAL: Reason.HOST_CRITICAL,
+    Refusal.UNSAFE_NOIOMMU: Reason.UNSAFE_NOT_ALLOWED,
+    Refusal.BACKEND: Reason.BACKEND,
+}
 
 
 def reachable(device: PciDevice) -> bool:
@@ -218,14 +263,16 @@ def _plan_group(
 
     members = []
     refusal: BrokerError | None = None
-    for address in requested:  # the caller's own requests decide first
-        if not decided[address].allowed and refusal is None:
-            refusal = refusal_error(decided[address])
+    for target in targets:  # the caller's own requests decide first
+        if not decided[target.device.address].allowed and refusal is None:
+            refusal = refusal_error(decided[target.device.address], target.device, policy, request)
     for target in targets:
         if refusal is None and target.device.pci_class >> 16 == BRIDGE_CLASS:
             refusal = InvalidArgument(
                 f"{_describe(target.device)} is a bridge, which vfio-pci does not take: ask "
-                "for the devices behind it"
+                "for the devices behind it",
+                code=Reason.BRIDGE,
+                blocker=target.device.address,
             )
     for device in candidates:
         is_requested = device.address in requested
@@ -237,7 +284,7 @@ def _plan_group(
             if decision.refusal is Refusal.NO_RULE and carrying is not None:
                 via = carrying
             elif refusal is None:
-                refusal = _companion_refusal(group, device, decision, carrying)
+                refusal = _companion_refusal(group, device, decision, carrying, policy, request)
         members.append(
             Member(
                 device=device,
@@ -258,7 +305,12 @@ def _describe(device: PciDevice) -> str:
 
 
 def _companion_refusal(
-    group: IommuGroup | None, device: PciDevice, decision: Decision, carrying: Rule | None
+    group: IommuGroup | None,
+    device: PciDevice,
+    decision: Decision,
+    carrying: Rule | None,
+    policy: Policy,
+    request: Request,
 ) -> BrokerError:
     """A member the caller did not ask for, which the lease would reach,
     and which policy does not let this caller have."""
@@ -270,9 +322,11 @@ def _companion_refusal(
         assert carrying is None
         return PermissionDenied(
             holds + "no policy rule lets you have it, and the rule that allows what you asked "
-            "for does not say companions = true; ask an admin for either"
+            "for does not say companions = true; ask an admin for either",
+            code=Reason.COMPANION_NOT_ALLOWED,
+            blocker=device.address,
         )
-    return refusal_error(decision, holds)
+    return refusal_error(decision, device, policy, request, companion=True, prefix=holds)
 
 
 def _move_refusal(
@@ -299,11 +353,18 @@ def _move_refusal(
         )
         fix = "bind it to vfio-pci"
     if not managed:
-        return NotViable(f"{what}. Ask with managed=true to let vfiod {fix}")
-    if not all(m.via is not None and m.via.grants.managed for m in moving):
+        return NotViable(
+            f"{what}. Ask with managed=true to let vfiod {fix}",
+            code=Reason.NEEDS_MANAGED,
+            blocker=moving[0].device.address,
+        )
+    unmanaged = [m for m in moving if m.via is None or not m.via.grants.managed]
+    if unmanaged:
         return PermissionDenied(
             f"{what}, and policy does not let vfiod rebind it for you (no 'managed = "
-            "true' in the matching rule); bind it to vfio-pci yourself, or ask an admin"
+            "true' in the matching rule); bind it to vfio-pci yourself, or ask an admin",
+            code=Reason.MANAGED_NOT_ALLOWED,
+            blocker=unmanaged[0].device.address,
         )
     companions = [m.device.address for m in moving if not m.requested]
     if companions and carrying is None:
@@ -312,7 +373,9 @@ def _move_refusal(
             + ", ".join(str(a) for a in companions)
             + ", which would have to move to vfio-pci too, and policy does not allow "
             "that ('companions = true' missing in the matching rule); name them in the "
-            "request, or ask an admin"
+            "request, or ask an admin",
+            code=Reason.COMPANIONS_CANNOT_MOVE,
+            blocker=companions[0],
         )
     pfs = [m.device for m in moving if m.device.virtfns]
     if pfs:
@@ -322,12 +385,16 @@ def _move_refusal(
             f"virtual function(s) ({', '.join(str(v) for v in pf.virtfns)}); taking it from "
             f"{pf.driver} would destroy them, so vfiod never does. Disable them first "
             f"(echo 0 > /sys/bus/pci/devices/{pf.address}/sriov_numvfs), or bind it to "
-            "vfio-pci yourself"
+            "vfio-pci yourself",
+            code=Reason.PF_WITH_VFS,
+            blocker=pf.address,
         )
     allowed = {
         m.device.address
         for m in moving
         if m.via is not None and m.device.address in m.via.exact_addresses
     }
-    text = critical_refusal([m.device.address for m in moving], allowed, critical)
-    return HostCritical(text) if text is not None else None
+    addresses = [m.device.address for m in moving]
+    text = critical_refusal(addresses, allowed, critical)
+    blocker = next((a for a in addresses if a in critical and a not in allowed), None)
+    return None if text is None else HostCritical(text, code=Reason.HOST_CRITICAL, blocker=blocker)

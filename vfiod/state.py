@@ -39,6 +39,7 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -635,22 +636,27 @@ class StateFile:
 
     After the first load, ``problems`` says what was wrong with the file (empty
     when it was intact or absent) and ``moved_aside`` where the damaged file
-    was kept (None when nothing was wrong)."""
+    was kept (None when nothing was wrong).
+
+    Binding jobs update it from their threads (vfiod.worker) while the loop
+    records leases: each update is one load-change-save under a lock."""
 
     def __init__(self, path: str = STATE_PATH) -> None:
         self.path = path
+        self._lock = threading.RLock()
         self._cached: State | None = None
         self._lines = _Lines()
         self.problems: tuple[str, ...] = ()
         self.moved_aside: str | None = None
 
     def load(self) -> State:
-        if self._cached is None:
-            state, problems = read_state(self.path)
-            if problems:
-                self._repair(state, problems)
-            self._cached = state
-        return self._cached
+        with self._lock:
+            if self._cached is None:
+                state, problems = read_state(self.path)
+                if problems:
+                    self._repair(state, problems)
+                self._cached = state
+            return self._cached
 
     def _repair(self, state: State, problems: list[str]) -> None:
         """Keep the damaged file aside and put one holding ``state`` (the
@@ -734,27 +740,29 @@ class StateFile:
             log.warning("could not put %s back at %s: %s", aside, self.path, e)
 
     def save(self, state: State) -> None:
-        directory = os.path.dirname(self.path) or "."
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".state.", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self._lines.text(state))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        self._cached = state
+        with self._lock:
+            directory = os.path.dirname(self.path) or "."
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".state.", dir=directory)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(self._lines.text(state))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(tmp, self.path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            self._cached = state
 
     def update(self, change: Callable[[State], State]) -> State:
         """Load, apply ``change``, save; return the new state."""
-        new = change(self.load())
-        self.save(new)
-        return new
+        with self._lock:
+            new = change(self.load())
+            self.save(new)
+            return new

@@ -288,7 +288,8 @@ def test_fds_nested_anywhere_in_a_call_are_closed(vfiod: VfiodProcess, nobody: C
             )
             try:
                 settle(vfiod, baseline, case)
-            except AssertionError:
+            except AssertionError as e:
+                print(e)
                 leaked[case] = len(vfiod.fds()) - len(baseline)
                 baseline = vfiod.fds()
         client.send("end|0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 from pathlib import Path
@@ -236,19 +237,26 @@ def test_show_says_why_a_device_can_or_cannot_be_assigned(vfiod: VfiodProcess) -
     assert "group     10 (not viable), /dev/vfio/10" in shown
     assert "not viable: 0000:00:10.0 (Ethernet controller) is bound to e1000e" in shown
     # vfiod's verdict covers viability: without --managed the group is unusable.
-    assert "you       denied: IOMMU group 10 is not viable" in shown
-    assert "Ask with --managed to let vfiod bind it to vfio-pci" in shown
+    assert "you       denied (needs-managed): IOMMU group 10 is not viable" in shown
+    assert (
+        "verdict   no (needs-managed): ask with --managed: vfiod moves 0000:00:10.0 to "
+        "vfio-pci where policy allows it"
+    ) in shown
 
     shown = vfioctl(vfiod.bus, "show", "00:1f.2").check().stdout
     assert "shared with 0000:00:1f.0, 0000:00:1f.3: a lease takes the whole group" in shown
-    assert "you       denied: No policy rule allows user nobody (uid 65534)" in shown
-    assert "verdict   no: vfiod denies you 0000:00:1f.2" in shown
+    assert "you       denied (no-rule): No policy rule allows user nobody (uid 65534)" in shown
+    assert "verdict   no (no-rule): vfiod says why, and who can change that" in shown
 
     data = json.loads(vfioctl(vfiod.bus, "show", str(NIC), "--managed", "--json").check().stdout)
     assert data["device"]["group"] == "10"
     assert data["access"]["allowed"] is True
+    assert (data["access"]["code"], data["access"]["move"]) == ("allowed", [str(NIC)])
     assert data["assignable"] is True
-    assert "moves 0000:00:10.0 (e1000e) to vfio-pci" in data["verdict"]
+    assert data["verdict"] == (
+        "yes: `vfioctl acquire --managed 0000:00:10.0` moves 0000:00:10.0 (e1000e) to "
+        "vfio-pci and back afterwards"
+    )
 
     shown = vfioctl(vfiod.bus, "show", "4", "--managed").check().stdout
     assert shown.startswith("group  4 (not viable), /dev/vfio/4\nlease  none\n")
@@ -256,6 +264,10 @@ def test_show_says_why_a_device_can_or_cannot_be_assigned(vfiod: VfiodProcess) -
     assert "0000:02:01.0  allowed  8086:100e  e1000" in shown
     unmanaged = vfioctl(vfiod.bus, "show", "4").check().stdout
     assert "0000:02:01.0  denied  8086:100e  e1000" in unmanaged
+    assert "refuses the lease: needs-managed" in unmanaged
+    assert "verdict  no (needs-managed): ask with --managed: vfiod moves 0000:02:01.0, " in (
+        unmanaged
+    )
     data = json.loads(vfioctl(vfiod.bus, "show", "group:4", "--managed", "--json").check().stdout)
     assert [m["address"] for m in data["members"]] == ["0000:01:00.0", str(E1000_A), str(E1000_B)]
     assert [a["allowed"] for a in data["access"]] == [True, True]
@@ -267,28 +279,83 @@ def test_show_says_why_a_device_can_or_cannot_be_assigned(vfiod: VfiodProcess) -
 
 def test_check_asks_vfiod_for_the_caller(vfiod: VfiodProcess) -> None:
     allowed = vfioctl(vfiod.bus, "check", "--managed", str(NIC), "02:01.0").check().stdout
-    assert allowed.splitlines()[1].startswith("0000:00:10.0  allowed  Allowed by rule 'nobody-nic'")
+    lines = allowed.splitlines()
+    assert lines[0].split() == ["DEVICE", "YOU", "CODE", "REASON"]
+    assert lines[1].startswith("0000:00:10.0  allowed  allowed  Allowed by rule 'nobody-nic'")
+    assert lines[2].strip() == "moves to vfio-pci: 0000:00:10.0"
+    assert lines[3].startswith("0000:02:01.0  allowed  allowed  Allowed by rule 'nobody-bridged'")
+    assert lines[4].strip() == "moves to vfio-pci: 0000:02:01.0, 0000:02:02.0"
+    assert lines[5].strip() == "also reaches: 0000:02:02.0 (not asked for)"
     mixed = vfioctl(vfiod.bus, "check", "--managed", str(NIC), str(SATA), "0000:00:1e.0", "--json")
     assert mixed.returncode == 1
-    assert [(a["device"], a["allowed"]) for a in json.loads(mixed.stdout)] == [
-        (str(NIC), True),
-        (str(SATA), False),
-        ("0000:00:1e.0", False),
+    answers = json.loads(mixed.stdout)
+    assert [(a["device"], a["allowed"], a["code"]) for a in answers] == [
+        (str(NIC), True, "allowed"),
+        (str(SATA), False, "no-rule"),
+        ("0000:00:1e.0", False, "not-found"),
     ]
-    assert "no PCI device 0000:00:1e.0" in json.loads(mixed.stdout)[2]["reason"]
+    assert "no PCI device 0000:00:1e.0" in answers[2]["reason"]
+    assert {k: v for k, v in answers[1].items() if k != "reason"} == {
+        "device": str(SATA),
+        "allowed": False,
+        "code": "no-rule",
+        "move": [str(SATA), "0000:00:1f.3"],
+        "blocker": str(SATA),
+        "group": "5",
+        "holder": None,
+        "companions": ["0000:00:1f.3"],
+        "backends": [],
+        "next": None,
+    }
+
+
+def test_check_gives_the_next_step_by_reason_code(vfiod: VfiodProcess, nobody: Clients) -> None:
+    unmanaged = vfioctl(vfiod.bus, "check", str(NIC))
+    assert unmanaged.returncode == 1
+    lines = unmanaged.stdout.splitlines()
+    assert lines[1].startswith("0000:00:10.0  denied  needs-managed  IOMMU group 10 is not viable")
+    assert "Ask with managed=true" in lines[1]  # vfiod's own words, as they are
+    assert lines[2:] == [
+        " " * 22 + "moves to vfio-pci: 0000:00:10.0",
+        " " * 22 + "next: ask with --managed: vfiod moves 0000:00:10.0 to vfio-pci where policy "
+        "allows it",
+    ]
+    [answer] = json.loads(vfioctl(vfiod.bus, "check", str(NIC), "--json").stdout)
+    assert (answer["code"], answer["blocker"], answer["next"]) == (
+        "needs-managed",
+        str(NIC),
+        "ask with --managed: vfiod moves 0000:00:10.0 to vfio-pci where policy allows it",
+    )
+    # A group held now: allowed, but busy, with the lease to wait for.
+    holder = nobody.spawn(
+        "lease = vfiod.acquire([sys.argv[1]], managed=True)\nsay(lease.id)\nsys.stdin.readline()\n",
+        str(E1000_A),
+    )
+    try:
+        lease = holder.read()
+        [held] = json.loads(
+            vfioctl(vfiod.bus, "check", "--managed", str(E1000_A), "--json").check().stdout
+        )
+        assert (held["allowed"], held["code"], held["holder"]) == (True, "busy", lease)
+        assert held["next"] == f"wait for lease {lease} to end"
+        shown = vfioctl(vfiod.bus, "show", str(E1000_A), "--managed").check().stdout
+        assert f"verdict   not now: wait for lease {lease} to end" in shown
+    finally:
+        holder.finish()
 
 
 def test_refusals_are_one_line_with_the_next_step(vfiod: VfiodProcess) -> None:
     denied = vfioctl(vfiod.bus, "acquire", "--managed", str(SATA))
     assert denied.returncode == 1
     assert "No policy rule allows user nobody (uid 65534) to use 0000:00:1f.2" in one_line(denied)
-    # vfiod's advice, in vfioctl's words.
+    # vfiod's words as they are, then vfioctl's next step from CheckAccess's code.
     not_viable = vfioctl(vfiod.bus, "acquire", str(NIC))
     assert not_viable.returncode == 1
-    assert one_line(not_viable) == (
+    assert not_viable.stderr.splitlines() == [
         "vfioctl: IOMMU group 10 is not viable: 0000:00:10.0 (Ethernet controller) is bound "
-        "to e1000e. Ask with --managed to let vfiod bind it to vfio-pci"
-    )
+        "to e1000e. Ask with managed=true to let vfiod bind it to vfio-pci",
+        "vfioctl: ask with --managed: vfiod moves 0000:00:10.0 to vfio-pci where policy allows it",
+    ]
     unknown = vfioctl(vfiod.bus, "acquire", "0000:00:1e.0")
     assert unknown.returncode == 1
     assert "no PCI device 0000:00:1e.0" in one_line(unknown)
@@ -323,8 +390,9 @@ def test_acquire_holds_the_lease_until_input_ends_or_a_signal(
     assert set(grant["fds"]) == {"container", "group:10", "device:0000:00:10.0"}
     assert vfiod.driver(str(NIC)) == "vfio-pci"
     err = held.finish()  # closes its stdin
-    assert "vfioctl: binding 0000:00:10.0 (e1000e) to vfio-pci; this may take a few seconds" in err
-    assert "vfioctl: bound to vfio-pci: 0000:00:10.0" in err
+    # vfiod's Progress signals, as they come.
+    assert "vfioctl: moving 0000:00:10.0 from e1000e to vfio-pci\n" in err
+    assert re.search(r"vfioctl: 0000:00:10.0 is on vfio-pci \(\d+\.\d s\)\n", err), err
     assert "vfioctl: vfiod puts 0000:00:10.0 back on e1000e" in err
     assert f"vfioctl: end of input: releasing lease {grant['lease']}" in err
     vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")
@@ -411,7 +479,7 @@ def test_run_gives_the_command_its_fds_and_releases_after(
     # it has CAP_SYS_RESOURCE); the command inherited it.
     if CAN_RAISE:
         assert memlock == str(RULE_MEMLOCK // 1024)
-    assert "vfioctl: binding 0000:00:10.0 (e1000e) to vfio-pci" in err
+    assert "vfioctl: moving 0000:00:10.0 from e1000e to vfio-pci" in err
     assert "Traceback" not in err
     vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")
     assert vfiod.state()["leases"] == {}
@@ -484,13 +552,15 @@ def test_run_with_a_noiommu_device(private_bus: PrivateBus, tmp_path: Path) -> N
         assert "group     none: no IOMMU, so only unsafe no-IOMMU mode can assign it" in shown
         no_consent = vfioctl(private_bus, "acquire", "--managed", str(NIC))
         assert no_consent.returncode == 1
-        assert "ask with --unsafe-noiommu" in one_line(no_consent)
+        refusal, hint = no_consent.stderr.splitlines()
+        assert "your own consent: ask with the option unsafe-noiommu = true" in refusal
+        assert hint.startswith("vfioctl: ask with --unsafe-noiommu, if whoever holds the device")
         ran = vfioctl(
             private_bus, "run", "--device", str(NIC), "--managed", "--unsafe-noiommu", "--",
             "sh", "-c", 'readlink "/proc/self/fd/$1"', "sh", "{group:noiommu-0}",
         ).check()  # fmt: skip
         assert ran.stdout == "/memfd:vfio-fake:/dev/vfio/noiommu-0 (deleted)\n"
-        assert "binding 0000:00:10.0 (e1000e) to vfio-pci" in ran.stderr
+        assert "moving 0000:00:10.0 from e1000e to vfio-pci" in ran.stderr
         daemon.wait_for(lambda: daemon.driver(str(NIC)) == "e1000e", "e1000e coming back")
 
 

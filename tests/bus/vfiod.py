@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,6 +34,7 @@ from tests.bus import (
     _other_uid_env,
     _setpriv_argv,
 )
+from tests.fakehost import SLOW_UNBIND_FILE
 from vfiod.host.sysfs import Sysfs
 from vfiod.pci import PciAddress
 
@@ -120,8 +121,10 @@ class VfiodProcess:
         sysfs: str,
         state_path: Path,
         policy_root: Path,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         self.bus = bus
+        self.environment = dict(environment or {})
         self.directory = directory
         self.argv = argv
         self.sysfs = Sysfs(sysfs)
@@ -184,7 +187,7 @@ class VfiodProcess:
             self.stop()
             raise RuntimeError("the notify socket's listener did not start")
         self.manager.stdout.close()
-        env = _child_env(self.bus.address, {"NOTIFY_SOCKET": str(notify_path)})
+        env = _child_env(self.bus.address, {"NOTIFY_SOCKET": str(notify_path), **self.environment})
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.argv,
@@ -206,6 +209,10 @@ class VfiodProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def slow_unbind(self, seconds: float) -> None:
+        """From now, each unbind takes ``seconds`` (run_vfiod(slow_unbind=...))."""
+        (self.directory / SLOW_UNBIND_FILE).write_text(str(seconds))
 
     def stop(self) -> int:
         process, self.process = self.process, None
@@ -247,11 +254,21 @@ def _running(daemon: VfiodProcess) -> Iterator[VfiodProcess]:
 
 
 def run_vfiod(
-    bus: PrivateBus, directory: Path, policy: str, topology: str = "small"
+    bus: PrivateBus,
+    directory: Path,
+    policy: str,
+    topology: str = "small",
+    *,
+    slow_unbind: float | None = None,
+    environment: Mapping[str, str] | None = None,
 ) -> contextlib.AbstractContextManager[VfiodProcess]:
-    """vfiod on a fake host (python -m tests.fakehost) built in ``directory``."""
+    """vfiod on a fake host (python -m tests.fakehost) built in ``directory``;
+    ``slow_unbind``: seconds each unbind takes (``VfiodProcess.slow_unbind``
+    changes it); ``environment``: more of vfiod's environment (WATCHDOG_USEC)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "policy.toml").write_text(policy)
+    if slow_unbind is not None:
+        (directory / SLOW_UNBIND_FILE).write_text(str(slow_unbind))
     argv = [sys.executable, "-s", "-m", "tests.fakehost", str(directory), topology]
     host = directory / "host"
     daemon = VfiodProcess(
@@ -261,6 +278,7 @@ def run_vfiod(
         sysfs=str(host / "sys"),
         state_path=host / "run/state.json",
         policy_root=host / "root",
+        environment=environment,
     )
     return _running(daemon)
 

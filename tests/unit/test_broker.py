@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import os
@@ -40,6 +41,7 @@ from vfiod.broker import (
 )
 from vfiod.errors import (
     Busy,
+    Cancelled,
     HostCritical,
     InvalidArgument,
     KernelError,
@@ -130,7 +132,7 @@ class World:
         self, caller: Caller = ALICE, devices: tuple[str, ...] = (str(NIC),), **options: object
     ) -> Grant:
         merged = dataclasses.replace(LEGACY, **options)  # type: ignore[arg-type]
-        return self.broker.acquire(caller, 4242, ":1.7", list(devices), merged)
+        return asyncio.run(self.broker.acquire(caller, 4242, ":1.7", list(devices), merged))
 
 
 def make_world(
@@ -598,7 +600,7 @@ def test_leases_survive_a_restart_as_draining_and_are_restored(tmp_path: Path) -
     assert recovered[0].state is LeaseState.DRAINING
     assert w.host.sysfs.driver(NIC) == "vfio-pci", "not while the client holds the device"
     with pytest.raises(Busy):
-        again.acquire(ALICE, None, ":1.9", [str(NIC)], LEGACY)
+        asyncio.run(again.acquire(ALICE, None, ":1.9", [str(NIC)], LEGACY))
     os.close(device_fd)
     assert again.drain() == recovered
     assert w.host.sysfs.driver(NIC) == "e1000e"
@@ -610,15 +612,15 @@ def test_check_access_explains(world: World) -> None:
     results = world.broker.check_access(
         ALICE, [str(NIC), str(E1000_B), "0000:00:1e.0", "bad"], LEGACY
     )
-    assert [(r[0], r[1]) for r in results] == [
-        (str(NIC), True),
-        (str(E1000_B), False),
-        ("0000:00:1e.0", False),
-        ("bad", False),
+    assert [(r.device, r.allowed, r.code) for r in results] == [
+        (str(NIC), True, "allowed"),
+        (str(E1000_B), False, "no-rule"),
+        ("0000:00:1e.0", False, "not-found"),
+        ("bad", False, "invalid-address"),
     ]
-    assert "alice-nic" in results[0][2]
-    assert "no PCI device" in results[2][2]
-    assert "malformed" in results[3][2]
+    assert "alice-nic" in results[0].reason
+    assert "no PCI device" in results[2].reason
+    assert "malformed" in results[3].reason
 
 
 class FakeFdStore:
@@ -691,7 +693,7 @@ def test_a_restart_with_the_fd_store_keeps_leases_active(tmp_path: Path) -> None
         assert lease.state is LeaseState.ACTIVE
         assert w.host.sysfs.driver(NIC) == "vfio-pci"
         with pytest.raises(Busy):
-            again.acquire(BOB, None, ":1.9", [str(NIC)], LEGACY)
+            asyncio.run(again.acquire(BOB, None, ":1.9", [str(NIC)], LEGACY))
         # The mapping made before the restart is still there, and still ours.
         container = lease.container
         assert container is not None
@@ -767,20 +769,26 @@ def test_nodes_that_appear_late_are_waited_for() -> None:
             raise VfioError(errno.ENOENT, "open", "/dev/vfio/10")
         return "opened"
 
-    assert _appearing(late) == "opened"
+    assert asyncio.run(_appearing(late)) == "opened"
     assert len(tries) == 3
 
     def busy() -> str:
         raise VfioError(errno.EBUSY, "open", "/dev/vfio/10")
 
     with pytest.raises(VfioError, match="EBUSY"):
-        _appearing(busy)  # other errors are not waited out
+        asyncio.run(_appearing(busy))  # other errors are not waited out
 
     def missing() -> str:
         raise VfioError(errno.ENOENT, "open", "/dev/vfio/9")
 
     with pytest.raises(VfioError, match="ENOENT"):
-        _appearing(missing, timeout=0.05)  # not for ever
+        asyncio.run(_appearing(missing, timeout=0.05))  # not for ever
+
+    def stopped() -> None:
+        raise Cancelled("request 'r1' was cancelled by its caller")
+
+    with pytest.raises(Cancelled):
+        asyncio.run(_appearing(missing, stopped))  # nor once its request stopped
 
 
 def test_two_devices_of_one_group_bind_the_group_once(world: World) -> None:

@@ -114,8 +114,8 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 def check(world: World, caller: object, address: PciAddress, **options: object) -> tuple[bool, str]:
     merged = AcquireOptions(managed=True, **options)  # type: ignore[arg-type]
-    ((_, allowed, reason),) = world.broker.check_access(caller, [str(address)], merged)  # type: ignore[arg-type]
-    return allowed, reason
+    (access,) = world.broker.check_access(caller, [str(address)], merged)  # type: ignore[arg-type]
+    return access.allowed, access.reason
 
 
 def refused(world: World, caller: object, address: PciAddress) -> BrokerError:
@@ -267,10 +267,8 @@ def test_the_reply_fd_limit_is_checked_before_anything_is_granted(
     assert w.broker.leases == {}
     assert w.host.kernel.open_nodes() == {}
     assert not [r for r in caplog.records if "granted" in r.getMessage()]
-    ((_, allowed, reason),) = w.broker.check_access(
-        ALICE, [devices[0]], AcquireOptions(open_devices=True)
-    )
-    assert allowed is True, reason
+    (access,) = w.broker.check_access(ALICE, [devices[0]], AcquireOptions(open_devices=True))
+    assert access.allowed is True, access.reason
     grant = w.acquire(ALICE, devices=devices, managed=False, open_devices=False)
     assert len(grant.fds) == 9
     close_all(grant.fds)
@@ -365,7 +363,7 @@ def test_a_requested_bridge_is_refused_at_once(tmp_path: Path) -> None:
         InvalidArgument, match=r"0000:00:1c\.0 \(PCI bridge, pcieport\) is a bridge"
     ):
         w.acquire(ALICE, devices=("0000:00:1c.0",))
-    assert w.broker.check_access(ALICE, ["0000:00:1c.0"], AcquireOptions())[0][1] is False
+    assert w.broker.check_access(ALICE, ["0000:00:1c.0"], AcquireOptions())[0].allowed is False
     assert w.broker.leases == {}
 
 

@@ -105,3 +105,16 @@ def test_a_killed_pytest_leaves_nothing(mark: str, tmp_path: Path) -> None:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
     assert gone(mark) == []
+
+
+def test_the_guest_command_stays_off_the_kernel_command_line(tmp_path: Path) -> None:
+    """virtme-ng passes --exec on the kernel command line, which Linux cuts at
+    2048 bytes: the stock boot's command from a checkout under a long path
+    with a space was cut, and the guest's init died. It goes in a script."""
+    deep = "/srv/a checkout with a space" + "/deeper" * 40
+    command = f"cd {deep!r} && " + " ".join(f"tests/vm/guest/test_{i}.py" for i in range(100))
+    line = harness.guest_script(tmp_path, "echo 'it ran'  # " + command)
+    assert len(line) < 200
+    assert "checkout" not in line
+    ran = subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True, check=True)
+    assert ran.stdout.splitlines() == [harness.GUEST_START, "it ran"]

@@ -105,6 +105,7 @@ def vng_path() -> str:
 
 
 GUEST_START = "--- vfiod: guest command starts ---"
+GUEST_SCRIPT = "guest.sh"
 _POWERED_OFF = "reboot: Power down"
 POWEROFF_GRACE = 20.0  # seconds QEMU may take to exit after the guest powered off
 _KERNEL_LOG = re.compile(r"\[\s*\d+\.\d+\] ")
@@ -178,7 +179,7 @@ def run_vm(
         "--qemu-opts=" + shlex.join(topology.qemu_opts(str(disk))),
     ]
     argv += ["--append", " ".join(topology.kernel_args())]
-    argv += ["--exec", f"echo {GUEST_START}; {command}"]
+    argv += ["--exec", guest_script(shared_dir, command)]
     env = dict(os.environ)
     env["PATH"] = f"{Path(vng).parent}:{env.get('PATH', '/usr/bin:/bin')}"
     try:
@@ -187,6 +188,16 @@ def run_vm(
         return run_supervised(argv, env=env, progress=progress, timeout=timeout, cwd=shared_dir)
     finally:
         disk.unlink(missing_ok=True)
+
+
+def guest_script(shared_dir: Path, command: str) -> str:
+    """Put ``command`` in a script in ``shared_dir``; the short line that runs
+    it. virtme-ng hands its --exec to the guest on the kernel command line,
+    which Linux cuts at 2048 bytes (x86): a long command (a deep checkout's
+    path, many test files) would be cut, and the guest's init would die."""
+    script = shared_dir / GUEST_SCRIPT
+    script.write_text(f"echo {shlex.quote(GUEST_START)}\n{command}\n")
+    return f"sh {shlex.quote(str(script))}"
 
 
 STOP_GRACE = 30.0  # seconds the supervisor gets to kill and reap the VM

@@ -139,6 +139,8 @@ class _SdBus:
             lib, "sd_bus_message_get_signature", message, ctypes.c_int
         )
         self.get_signature.restype = ctypes.c_char_p
+        # (sdbus's own SdBusMessage.destination cannot be set.)
+        self.set_destination = self._function(lib, "sd_bus_message_set_destination", message, text)
 
     @staticmethod
     def _function(lib: ctypes.CDLL, name: str, *argtypes: Any) -> Any:
@@ -161,6 +163,13 @@ def message_pointer(message: SdBusMessage) -> int:
     pointer = ctypes.c_void_p.from_address(id(message) + MESSAGE_POINTER_OFFSET).value
     assert pointer is not None
     return pointer
+
+
+def set_destination(message: SdBusMessage, destination: str) -> None:
+    """Address a message (a signal for one connection alone) before it is sent."""
+    result = sd_bus().set_destination(message_pointer(message), destination.encode())
+    if result < 0:
+        raise OSError(-result, f"addressing a message to {destination}: {os.strerror(-result)}")
 
 
 # -- signatures

@@ -107,15 +107,19 @@ class ManagerInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Mana
     async def release(self, lease: str) -> None:
         await self.backend.release(lease)
 
+    @vfiod_method(input_signature="s", input_args_names=("request_id",))
+    async def cancel(self, request_id: str) -> None:
+        await self.backend.cancel(request_id)
+
     @vfiod_method(
         input_signature="asa{sv}",
-        result_signature="a(sbs)",
+        result_signature="a(sbsa{sv})",
         input_args_names=("devices", "options"),
         result_args_names=("results",),
     )
     async def check_access(
         self, devices: list[str], options: dict[str, tuple[str, Any]]
-    ) -> list[tuple[str, bool, str]]:
+    ) -> list[tuple[str, bool, str, dict[str, tuple[str, Any]]]]:
         return await self.backend.check_access(devices, options)
 
     @vfiod_method()
@@ -130,6 +134,13 @@ class ManagerInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Mana
     )
     async def get_lease_details(self, leases: list[str]) -> dict[str, dict[str, tuple[str, Any]]]:
         return await self.backend.lease_details(leases)
+
+    # Sent to the requester alone (the service sets its destination).
+    @dbus_signal_async(
+        "sssst", signal_args_names=("request", "device", "step", "driver", "elapsed_usec")
+    )
+    def progress(self) -> tuple[str, str, str, str, int]:
+        raise NotImplementedError
 
     @dbus_property_async("s", flags=CONST)
     def version(self) -> str:

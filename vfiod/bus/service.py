@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -23,7 +24,8 @@ from sdbus.dbus_proxy_async_property import DbusPropertyAsync
 from sdbus.sd_bus_internals import SdBus
 
 from vfiod import __version__
-from vfiod.broker import Backend, Broker, Lease, LeaseChange
+from vfiod.broker import Backend, Broker, Lease, LeaseChange, Moving
+from vfiod.bus.checked import set_destination
 from vfiod.bus.credentials import Callers
 from vfiod.bus.interfaces import (
     CHANGES,
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 SETTLE_TIME = 1.0  # seconds Release waits for a lease to become free
 MAX_DETAILS = 65536  # leases one GetLeaseDetails may ask about
+MANAGER_INTERFACE = "org.vfiod1.Manager"
 
 
 class BusBackend(Protocol):
@@ -70,9 +73,11 @@ class BusBackend(Protocol):
 
     async def release(self, lease: str) -> None: ...
 
+    async def cancel(self, request_id: str) -> None: ...
+
     async def check_access(
         self, devices: list[str], options: Variants
-    ) -> list[tuple[str, bool, str]]: ...
+    ) -> list[tuple[str, bool, str, dict[str, tuple[str, Any]]]]: ...
 
     async def reload_policy(self) -> None: ...
 
@@ -147,6 +152,7 @@ class BusService:
         self._matched: Inventory | None = None
         register_errors()
         broker.listeners.append(self.on_lease)
+        broker.progress_listeners.append(self.on_progress)
         broker.host.listeners.append(self.on_host_event)
 
     # -- properties of the Manager
@@ -311,9 +317,10 @@ class BusService:
             self._sync_group(group_id)
         self._matched = inventory
 
-    def refresh_critical(self) -> None:
-        """Host-critical reasons change without uevents (mounts, routes)."""
-        for address in list(self.devices):
+    async def refresh_critical(self) -> None:
+        """Host-critical reasons change without uevents (mounts, routes): scan
+        again (off the loop) and update the devices whose reasons changed."""
+        for address in await self.broker.refresh_critical():
             self._sync_device(address)
 
     def _lease_view(self, lease: Lease) -> LeaseView:
@@ -344,6 +351,23 @@ class BusService:
             if isinstance(exported.obj, GroupInterface) and path in exported.obj.view.devices
         ]
         self._sync([event.address], was_in)
+
+    def on_progress(self, moving: Moving) -> None:
+        """Tell the requester (alone: which devices another uid's VM gets is
+        its business) that a device of its request or lease moved a step."""
+        if not moving.owner:
+            return
+        message = self.bus.new_signal_message(MANAGER_PATH, MANAGER_INTERFACE, "Progress")
+        message.append_data(
+            "sssst",
+            moving.request,
+            str(moving.device),
+            moving.step.value,
+            moving.driver,
+            int(moving.elapsed * 1_000_000),
+        )
+        set_destination(message, moving.owner)
+        message.send()
 
     def on_lease(self, lease: Lease, change: LeaseChange) -> None:
         if change is LeaseChange.GRANTED:
@@ -377,12 +401,22 @@ class BusService:
         parsed = acquire_options(options)
         credentials = await self.callers.of(sender)
         # (The plan refused a grant with more fds than one reply carries.)
-        grant = self.broker.acquire(credentials.caller, credentials.pid, sender, devices, parsed)
+        # In a context of its own: timers and tasks the broker makes while the
+        # devices move would otherwise copy this call's context, and with it
+        # the call's message and the fds it carries, for as long as they live.
+        grant = await asyncio.get_running_loop().create_task(
+            self.broker.acquire(credentials.caller, credentials.pid, sender, devices, parsed),
+            context=contextvars.Context(),
+        )
         # The reply copies the fds when it is built, after we return; ours close then.
         loop = asyncio.get_running_loop()
         for fd in grant.fds.values():
             loop.call_soon(os.close, fd)
         return lease_path(grant.lease.id), grant.fds
+
+    async def cancel(self, request_id: str) -> None:
+        # Only the connection that sent the Acquire: the request is its own.
+        self.broker.cancel(get_current_message().sender or "", request_id)
 
     def _lease_id(self, path: str) -> str:
         if not path.startswith(LEASE_PREFIX):
@@ -421,10 +455,29 @@ class BusService:
 
     async def check_access(
         self, devices: list[str], options: Variants
-    ) -> list[tuple[str, bool, str]]:
+    ) -> list[tuple[str, bool, str, dict[str, tuple[str, Any]]]]:
+        """(device, allowed, reason, details): the plan, as the contract's
+        CheckAccess says."""
         parsed = acquire_options(options, "CheckAccess")  # owner-pidfd borrowed, as in acquire
         credentials = await self.callers.of(get_current_message().sender)
-        return self.broker.check_access(credentials.caller, devices, parsed)
+        results = self.broker.check_access(credentials.caller, devices, parsed)
+        return [
+            (
+                a.device,
+                a.allowed,
+                a.reason,
+                {
+                    "code": ("s", a.code.value),
+                    "move": ("as", [str(m) for m in a.move]),
+                    "blocker": ("s", str(a.blocker) if a.blocker is not None else ""),
+                    "group": ("s", a.group),
+                    "holder": ("o", lease_path(a.holder) if a.holder is not None else NO_OBJECT),
+                    "companions": ("as", [str(c) for c in a.companions]),
+                    "backends": ("as", list(a.backends)),
+                },
+            )
+            for a in results
+        ]
 
     async def lease_details(self, leases: list[str]) -> dict[str, dict[str, tuple[str, Any]]]:
         """Who holds each lease, for the leases the caller may see: its own,
@@ -472,7 +525,7 @@ class BusService:
         revoked = self.broker.reload_policy()
         log.info("policy reloaded; %d lease(s) revoked", len(revoked))
         self.manager.properties_changed.emit(
-            ("org.vfiod1.Manager", {"NoIommuMode": ("b", self.no_iommu_mode)}, [])
+            (MANAGER_INTERFACE, {"NoIommuMode": ("b", self.no_iommu_mode)}, [])
         )
         return revoked
 

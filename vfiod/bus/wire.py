@@ -11,10 +11,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vfiod.broker import AcquireOptions, Backend
+from vfiod.broker import DEFAULT_TIMEOUT, AcquireOptions, Backend
 from vfiod.errors import InvalidArgument
 
 Variants = Mapping[str, tuple[str, Any]]
+
+# Bounds of Acquire's timeout option, in milliseconds.
+MIN_TIMEOUT_MS = 1_000
+MAX_TIMEOUT_MS = 3_600_000
+MAX_REQUEST_ID = 128
 
 
 class OptionReader:
@@ -39,6 +44,10 @@ class OptionReader:
     def string(self, key: str) -> str | None:
         value = self._take(key, "s", "a string")
         return None if value is None else str(value)
+
+    def uint32(self, key: str) -> int | None:
+        value = self._take(key, "u", "an unsigned 32-bit integer")
+        return None if value is None else int(value)
 
     def fd(self, key: str) -> int | None:
         value = self._take(key, "h", "a file descriptor")
@@ -65,6 +74,17 @@ def acquire_options(options: Variants, method: str = "Acquire") -> AcquireOption
     label = reader.string("label") or ""
     if len(label) > 256 or not label.isprintable():
         raise InvalidArgument("option label must be printable and at most 256 characters")
+    request_id = reader.string("request-id") or ""
+    if len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
+        raise InvalidArgument(
+            f"option request-id must be printable and at most {MAX_REQUEST_ID} characters"
+        )
+    timeout_ms = reader.uint32("timeout")
+    if timeout_ms is not None and not MIN_TIMEOUT_MS <= timeout_ms <= MAX_TIMEOUT_MS:
+        raise InvalidArgument(
+            f"option timeout is in milliseconds, from {MIN_TIMEOUT_MS} to {MAX_TIMEOUT_MS}; "
+            "give the time you will wait for the reply (your D-Bus call's timeout)"
+        )
     result = AcquireOptions(
         backend=Backend(backend) if backend is not None else None,
         open_devices=reader.boolean("open-devices", True),
@@ -72,6 +92,8 @@ def acquire_options(options: Variants, method: str = "Acquire") -> AcquireOption
         unsafe_noiommu=reader.boolean("unsafe-noiommu", False),
         owner_pidfd=reader.fd("owner-pidfd"),
         label=label,
+        request_id=request_id,
+        timeout=DEFAULT_TIMEOUT if timeout_ms is None else timeout_ms / 1000,
     )
     reader.done()
     return result

@@ -47,6 +47,24 @@ class FaultPoint(enum.StrEnum):
     AFTER_UNBIND = "after-unbind"
 
 
+class Step(enum.StrEnum):
+    """What a device is doing, as the progress of a bind or restore says."""
+
+    BIND = "bind"  # leaving its driver for vfio-pci
+    BOUND = "bound"
+    RESTORE = "restore"  # going back to its driver
+    RESTORED = "restored"
+    FAILED = "failed"
+
+
+# Told of each step: the device, the step, the driver it leaves or goes back to.
+Progress = Callable[[PciAddress, Step, str], None]
+
+
+def _quiet(_address: PciAddress, _step: Step, _driver: str) -> None:
+    pass
+
+
 @dataclasses.dataclass(frozen=True)
 class RepairResult:
     address: str
@@ -177,11 +195,14 @@ class Binder:
         *,
         allow_critical: Collection[PciAddress] = (),
         critical: CriticalDevices | None = None,
+        progress: Progress = _quiet,
     ) -> BindingRecord | None:
         """Bind one device to ``driver``. Returns the record of what it had,
         or None when it was on ``driver`` already (nothing to undo).
         Host-critical devices are refused unless in ``allow_critical``;
-        ``critical`` is the caller's scan for this bind (None: scan now)."""
+        ``critical`` is the caller's scan for this bind (None: scan now).
+        The refusals here guard the moment of the write: the broker's plan
+        decided before, on what the host looked like then."""
         device = self.sysfs.require_device(address)
         original = self.sysfs.driver(address)
         if original == driver:
@@ -197,9 +218,11 @@ class Binder:
             phase=BindPhase.BINDING,
         )
         self.state.update(lambda s: s.with_binding(record))
+        progress(address, Step.BIND, original or "")
         try:
             self._move(address, device, original, driver)
         except HostError as e:
+            progress(address, Step.FAILED, original or "")
             if not os.path.isdir(device):  # it went away meanwhile: nothing to undo
                 self.forget(address)
                 raise HostError(e.errno or errno.ENODEV, f"{e}; {address} is gone") from e
@@ -215,6 +238,7 @@ class Binder:
             ) from e
         bound = dataclasses.replace(record, phase=BindPhase.BOUND)
         self.state.update(lambda s: s.with_binding(bound))
+        progress(address, Step.BOUND, original or "")
         return bound
 
     def _refuse_enabled_vfs(self, address: PciAddress, device: str, original: str | None) -> None:
@@ -267,33 +291,42 @@ class Binder:
         *,
         allow_critical: Collection[PciAddress] = (),
         critical: CriticalDevices | None = None,
+        progress: Progress = _quiet,
+        checkpoint: Callable[[], None] = lambda: None,
     ) -> list[BindingRecord]:
         """Bind each of ``addresses``, or none: a host-critical one refuses
         them all before anything moves, and a failure undoes those done.
-        ``critical``: the caller's scan for this operation (None: scan now)."""
+        ``critical``: the caller's scan for this operation (None: scan now).
+        ``checkpoint`` runs before each device and may raise to stop (the
+        request was cancelled): what was done is undone, and it re-raises."""
         if critical is None:
             critical = self.critical()
         self.refuse_critical(addresses, allow_critical, critical)
         done: list[BindingRecord] = []
         try:
             for address in addresses:
+                checkpoint()
                 record = self.bind(
-                    address, driver, allow_critical=allow_critical, critical=critical
+                    address,
+                    driver,
+                    allow_critical=allow_critical,
+                    critical=critical,
+                    progress=progress,
                 )
                 if record is not None:
                     done.append(record)
         except HostError as e:
             try:
-                self.restore_all(PciAddress.parse(r.address) for r in reversed(done))
+                self.restore_all((PciAddress.parse(r.address) for r in reversed(done)), progress)
             except HostError as undo:
                 raise HostError(e.errno or errno.EIO, f"{e}; putting back failed: {undo}") from e
             raise
         except BaseException:
-            self.restore_all(PciAddress.parse(r.address) for r in reversed(done))
+            self.restore_all((PciAddress.parse(r.address) for r in reversed(done)), progress)
             raise
         return done
 
-    def restore(self, address: PciAddress) -> str | None:
+    def restore(self, address: PciAddress, progress: Progress = _quiet) -> str | None:
         """Give a device back to the driver recorded before it was bound;
         return that driver. The record goes only once that worked."""
         record = self.state.load().bindings.get(str(address))
@@ -303,13 +336,16 @@ class Binder:
                 f"vfiod has no record of binding {address}; it was not moved by vfiod, "
                 "so vfiod leaves it where it is",
             )
+        progress(address, Step.RESTORE, record.original_driver or "")
         try:
             self._restore(address, record)
         except HostError:
             failed = dataclasses.replace(record, phase=BindPhase.RESTORE_FAILED)
             self.state.update(lambda s: s.with_binding(failed))
+            progress(address, Step.FAILED, record.original_driver or "")
             raise
         self.forget(str(address))
+        progress(address, Step.RESTORED, record.original_driver or "")
         return record.original_driver
 
     def forget(self, address: str | PciAddress) -> None:
@@ -349,7 +385,7 @@ class Binder:
                 f"echo {address} > /sys/bus/pci/drivers_probe",
             )
 
-    def restore_all(self, addresses: Iterable[PciAddress]) -> None:
+    def restore_all(self, addresses: Iterable[PciAddress], progress: Progress = _quiet) -> None:
         """Restore each; report every failure, not just the first. A device
         that has gone away loses its record: nothing is left to restore."""
         errors: list[str] = []
@@ -359,7 +395,7 @@ class Binder:
                 self.forget(address)
                 continue
             try:
-                self.restore(address)
+                self.restore(address, progress)
             except HostError as e:
                 errors.append(str(e))
         if errors:

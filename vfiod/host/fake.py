@@ -36,6 +36,7 @@ import dataclasses
 import errno
 import os
 import shutil
+import threading
 from collections.abc import Sequence
 
 from vfiod.host.sysfs import Sysfs
@@ -141,6 +142,7 @@ class FakeSysfs(Sysfs):
         self._dirs: dict[PciAddress, str] = {}
         self._drivers: dict[str, FakeDriver] = {}
         self._faults: list[_Fault] = []
+        self._lock = threading.Lock()
         # Every write attempted, as (path resolved relative to the root, value).
         self.writes: list[tuple[str, str]] = []
         for directory in ("devices", "bus/pci/devices", "bus/pci/drivers", "kernel/iommu_groups"):
@@ -236,6 +238,12 @@ class FakeSysfs(Sysfs):
     # the kernel's side of writes
 
     def write(self, path: str, value: str) -> None:
+        # Binding jobs write from threads: one write acts at a time, as if
+        # under the kernel's device lock.
+        with self._lock:
+            self._act(path, value)
+
+    def _act(self, path: str, value: str) -> None:
         real = os.path.realpath(path)
         rel = os.path.relpath(real, self._real_root)
         if rel.startswith(os.pardir):
