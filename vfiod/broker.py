@@ -1312,11 +1312,14 @@ class Broker:
     def _free(self, lease: Lease) -> None:
         """Nobody holds the lease's groups: give its devices back, then forget
         it. Until they are back its groups stay taken (``restoring``)."""
-        if lease.moved and lease.restore:
+        # (An earlier process may have given some back already, as it stopped.)
+        recorded = self.binder.state.load().bindings
+        moved = [a for a in lease.moved if str(a) in recorded]
+        if moved and lease.restore:
             lease.state = LeaseState.RESTORING
             self.worker.start(
                 functools.partial(
-                    self.binder.restore_all, lease.moved, self._progress(lease.id, lease.owner)
+                    self.binder.restore_all, moved, self._progress(lease.id, lease.owner)
                 ),
                 functools.partial(self._restored, lease),
             )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import concurrency, scale, warm_acquire
+from bench import concurrency, scale, slow_rebind, warm_acquire
 from tests.bus import BusUnavailableError, require_tools
 
 
@@ -50,3 +50,11 @@ def test_concurrency_runs() -> None:
     assert figures.leaked == []
     assert figures.fds_before > 0
     assert "ops/s" in concurrency.report(figures)
+
+
+def test_slow_rebind_runs() -> None:
+    figures = slow_rebind.run(unbind=0.3, baseline_calls=5)
+    assert figures.acquire >= 0.5  # two unbinds of 0.3 s
+    for phase in (figures.baseline, figures.moving, figures.restoring):
+        assert all(phase.latencies[call] for call in slow_rebind.CALLS)
+    assert "longest wait of another caller" in slow_rebind.report(figures)

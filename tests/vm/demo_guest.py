@@ -474,8 +474,9 @@ def qemu_story(shell: Shell, daemon: VfiodProcess) -> None:
         remark(f"vfioctl run exited with QEMU's status, {status}")
         expect(status == 0, f"vfioctl run exited with status {status}")
         expect(
-            any("binding" in line and E1000E in line for line in vfioctl.lines),
-            "vfioctl run did not say it had vfiod bind the e1000e",
+            any(f"moving {E1000E} from e1000e to vfio-pci" in line for line in vfioctl.lines)
+            and any(f"{E1000E} is on vfio-pci" in line for line in vfioctl.lines),
+            "vfioctl run did not show vfiod moving the e1000e to vfio-pci",
         )
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
