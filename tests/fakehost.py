@@ -37,7 +37,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -632,9 +632,19 @@ class CountingStateFile(StateFile):
         self.steps = steps
 
     def save(self, state: State) -> None:
-        bindings = ",".join(f"{a}={r.phase}" for a, r in sorted(state.bindings.items()))
-        what = f"bindings={bindings or '-'} leases={len(state.leases)}"
-        self.steps.run("state-save", what, functools.partial(StateFile.save, self, state))
+        self.steps.run(
+            "state-save", _described(state), functools.partial(StateFile.save, self, state)
+        )
+
+    def _commit(self, state: State, change: Mapping[str, Any]) -> State:
+        # A journal line is the same step as a snapshot was: one state write.
+        commit = functools.partial(StateFile._commit, self, state, change)
+        return self.steps.run("state-save", _described(state), commit)
+
+
+def _described(state: State) -> str:
+    bindings = ",".join(f"{a}={r.phase}" for a, r in sorted(state.bindings.items()))
+    return f"bindings={bindings or '-'} leases={len(state.leases)}"
 
 
 class CountingFdStore:

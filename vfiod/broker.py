@@ -56,7 +56,7 @@ from vfiod.plan import Plan, Target, plan
 from vfiod.policy.load import PolicyHolder
 from vfiod.policy.model import Caller, Policy, Request
 from vfiod.reasons import Reason
-from vfiod.state import LeaseRecord, State
+from vfiod.state import LeaseRecord
 from vfiod.vfio import (
     CdevDevice,
     Container,
@@ -911,7 +911,7 @@ class Broker:
         self._save(lease)
 
     def _save(self, lease: Lease) -> None:
-        self.binder.state.update(lambda s: s.with_lease(lease.record()))
+        self.binder.state.put_lease(lease.record())
 
     @staticmethod
     def _request(policy: Policy, options: AcquireOptions) -> tuple[Backend, Request]:
@@ -1337,7 +1337,7 @@ class Broker:
     def _forget(self, lease: Lease) -> None:
         lease.state = LeaseState.FREE
         self._remove_lease(lease)
-        self.binder.state.update(lambda s: s.without_lease(lease.id))
+        self.binder.state.drop_lease(lease.id)
         _audit(
             MESSAGE_FREED,
             f"lease {lease.id} is free"
@@ -1447,7 +1447,7 @@ class Broker:
                     for fd in remaining.pop(name, []):
                         os.close(fd)
                     self.fd_store.drop(name)
-                self.binder.state.update(functools.partial(State.without_lease, lease_id=record.id))
+                self.binder.state.drop_lease(record.id)
                 continue
             claimed.update(dict.fromkeys((*record.groups, *record.devices), record.id))
             lease = self._from_record(record)

@@ -28,6 +28,7 @@ from vfiod.bus.credentials import BusDriver, Callers, SystemdUnits
 from vfiod.bus.service import BusService
 from vfiod.host.binding import Binder, CriticalDevices, ModuleLoader, modprobe
 from vfiod.host.hwdb import HardwareDatabase
+from vfiod.host.process import raise_fd_limit
 from vfiod.host.sysfs import Sysfs
 from vfiod.host.watcher import Host, UEventMonitor
 from vfiod.policy.load import PolicyError, PolicyHolder
@@ -126,6 +127,7 @@ class Daemon:
 
     def build(self) -> Broker:
         parts = self.parts
+        log.debug("up to %d fds", raise_fd_limit())
         policy = PolicyHolder(parts.policy_root)
         if policy.error is not None:
             log.error(

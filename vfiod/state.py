@@ -1,8 +1,18 @@
-"""State that must survive a crash or restart, in /run/vfiod/state.json.
+"""State that must survive a crash or restart, in /run/vfiod/state.json and
+its journal, /run/vfiod/state.json.journal.
 
-Written atomically (temporary file, fsync, rename, fsync of the directory), so
-a reader sees either the old or the new state, never half of one. Whatever
-vfiod is about to change on the host is recorded here *before* it changes it.
+A change (a lease or a binding recorded or dropped) is one line appended to
+the journal and fsync'd: its cost does not grow with the number of leases.
+Now and then (once the journal holds more lines than twice the records) the
+whole state is written as a snapshot, atomically (temporary file, fsync,
+rename, fsync of the directory), then a new journal is put in place the same
+way. Reading replays the journal over the snapshot. A journal left from
+before the snapshot (vfiod killed between the two renames) says nothing the
+snapshot does not: replaying it gives the snapshot again, as each line sets
+or drops one record and the snapshot is what they made. A line cut short at
+the end (vfiod killed while appending it) was never acted on: it is ignored.
+Whatever vfiod is about to change on the host is recorded *before* it
+changes it.
 
 Read defensively: whatever the file holds, loading it does not fail (vfiod
 must start to give devices back, and a daemon that dies on its own state file
@@ -51,6 +61,12 @@ log = logging.getLogger(__name__)
 
 STATE_PATH = "/run/vfiod/state.json"
 FORMAT_VERSION = 1
+JOURNAL_SUFFIX = ".journal"
+JOURNAL_VERSION = 1
+# A snapshot is written once the journal holds more lines than this, and than
+# twice the records: each line is then paid for about twice, whatever the
+# number of leases.
+COMPACT_AFTER = 256
 # A state file with a few dozen leases is tens of kB; parsing JSON takes many
 # times its size in memory, so a larger file is refused unread.
 MAX_SIZE = 16 * 1024 * 1024
@@ -573,23 +589,108 @@ def _parse(data: bytes) -> object:
 
 
 def read_state(path: str) -> tuple[State, list[str]]:
-    """The intact records of the state file at ``path`` and what was wrong
-    with the rest (nothing: the file was intact, or there is none). Raises
-    only StateError, when the file cannot be read at all."""
+    """The intact records of the state file at ``path`` with its journal
+    replayed, and what was wrong with the rest (nothing: both were intact,
+    or there is none). Raises only StateError, when a file cannot be read
+    at all."""
+    state, problems, _lines = _read(path)
+    return state, problems
+
+
+def _read(path: str) -> tuple[State, list[str], int]:
+    """As read_state; also how many lines of the journal were replayed."""
     problems = _Problems()
     try:
         data = _read_bytes(path)
-        if data is None:
-            return State(), []
-        return _decode(_parse(data), problems), problems.said()
+        state = State() if data is None else _decode(_parse(data), problems)
     except _DamagedError as e:
-        return State(), [f"{path} is not a vfiod state file of format {FORMAT_VERSION}: {e}"]
+        problems.append(f"{path} is not a vfiod state file of format {FORMAT_VERSION}: {e}")
+        state = State()
+    state, replayed = _replay(path + JOURNAL_SUFFIX, state, problems)
+    return state, problems.said(), replayed
+
+
+def _replay(path: str, state: State, problems: _Problems) -> tuple[State, int]:
+    """``state`` with the changes of the journal at ``path`` applied (what
+    is intact of it, in order); how many lines were."""
+    try:
+        data = _read_bytes(path)
+    except _DamagedError as e:
+        problems.append(f"{path} is not a vfiod journal: {e}")
+        return state, 0
+    if data is None:
+        return state, 0  # written before it: nothing happened since the snapshot
+    lines = data.split(b"\n")
+    if lines[-1]:  # cut short while it was appended: never acted on
+        lines.pop()
+    lines = [line for line in lines if line]
+    if not lines:
+        return state, 0
+    try:
+        header = _parse(lines[0])
+    except _DamagedError as e:
+        problems.append(f"{path} is not a vfiod journal: its first line {e}")
+        return state, 0
+    if not isinstance(header, _Object) or header.get("journal") != JOURNAL_VERSION:
+        problems.append(f"{path} is not a vfiod journal of format {JOURNAL_VERSION}: ignored")
+        return state, 0
+    bindings, leases = dict(state.bindings), dict(state.leases)
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            _apply(_parse(line), bindings, leases)
+        except (_DamagedError, _InvalidError) as e:
+            problems.append(f"{path} line {number} ignored: {e}")
+    return State(bindings, leases), len(lines) - 1
+
+
+_SECTIONS: dict[str, tuple[str, Callable[[str, object, list[str]], tuple[str, Any]]]] = {
+    "binding": ("address", _binding_record),
+    "lease": ("id", _lease_record),
+}
+
+
+def _key(section: str, key: str, notes: list[str]) -> str:
+    """A record's key as its section spells it (a binding's: the kernel's
+    form of the address)."""
+    if section == "binding":
+        return _address(notes, "its key")(key)
+    if not _LEASE_ID.fullmatch(key):
+        raise _InvalidError("its key is not a lease id (letters, digits and _)")
+    return key
+
+
+def _apply(
+    entry: object, bindings: dict[str, BindingRecord], leases: dict[str, LeaseRecord]
+) -> None:
+    """One journal line: {"put": SECTION, "key": K, "record": {...}} or
+    {"drop": SECTION, "key": K}; SECTION "binding" or "lease"."""
+    if not isinstance(entry, _Object) or entry.duplicates:
+        raise _InvalidError(f"it is {_describe(entry)}, not a change")
+    op = "put" if "put" in entry else "drop"
+    section, key = entry.get(op), entry.get("key")
+    if section not in _SECTIONS or not isinstance(key, str):
+        raise _InvalidError(f"it is not a change of a binding or a lease: {_show(str(entry))}")
+    records: dict[str, Any] = bindings if section == "binding" else leases
+    _, decode = _SECTIONS[section]
+    notes: list[str] = []
+    if op == "drop":
+        records.pop(_key(section, key, notes), None)
+        return
+    canonical, record = decode(key, entry.get("record"), notes)
+    if notes:
+        raise _InvalidError("; ".join(notes))
+    records[canonical] = record
 
 
 def _fields(record: BindingRecord | LeaseRecord, key: str) -> dict[str, Any]:
     """A record's fields but its key, shallowly (dataclasses.asdict deep-copies
     every value, and the records hold only strings, numbers and tuples)."""
     return {f.name: getattr(record, f.name) for f in dataclasses.fields(record) if f.name != key}
+
+
+def state_text(state: State) -> str:
+    """``state`` as a snapshot of it reads."""
+    return _Lines().text(state)
 
 
 class _Lines:
@@ -629,6 +730,29 @@ class _Lines:
         )
 
 
+def _replace(path: str, data: bytes) -> None:
+    """Put a file with ``data`` at ``path`` atomically: a reader (or a
+    restart after a crash) finds the old one or the new one, whole."""
+    fd, tmp = tempfile.mkstemp(prefix=".state.", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _sync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class StateFile:
     """The state file of this process. Only one vfiod runs at a time, so what
     this process last read or wrote is what is on disk: it is kept in memory
@@ -643,8 +767,12 @@ class StateFile:
 
     def __init__(self, path: str = STATE_PATH) -> None:
         self.path = path
+        self.journal_path = path + JOURNAL_SUFFIX
         self._lock = threading.RLock()
         self._cached: State | None = None
+        # Lines in the journal since this process wrote a snapshot; None:
+        # it has written none yet (its first change writes one).
+        self._journal_lines: int | None = None
         self._lines = _Lines()
         self.problems: tuple[str, ...] = ()
         self.moved_aside: str | None = None
@@ -652,9 +780,11 @@ class StateFile:
     def load(self) -> State:
         with self._lock:
             if self._cached is None:
-                state, problems = read_state(self.path)
+                state, problems, replayed = _read(self.path)
                 if problems:
                     self._repair(state, problems)
+                elif replayed:
+                    self.save(state)  # one snapshot of it all, and a new journal
                 self._cached = state
             return self._cached
 
@@ -665,6 +795,7 @@ class StateFile:
         kept = f"{len(state.bindings)} binding(s) and {len(state.leases)} lease(s)"
         try:
             aside = self._move_aside()
+            self._move_aside(self.journal_path)  # beside it, if there is one
         except OSError as e:
             log.warning(
                 "%s is damaged: %s",
@@ -702,27 +833,28 @@ class StateFile:
             },
         )
 
-    def _move_aside(self) -> str | None:
+    def _move_aside(self, path: str | None = None) -> str | None:
         """Keep the file at the path under a new name next to it; return the
         name (None: it is gone). A file is linked there, so it stays at the
         path until a repaired one replaces it (a crash in between finds it
         again); a directory, which cannot be linked, is renamed."""
+        path = self.path if path is None else path
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-        base = f"{self.path}.corrupt-{stamp}"
+        base = f"{path}.corrupt-{stamp}"
         target, n = base, 1
         while os.path.lexists(target):
             n += 1
             target = f"{base}-{n}"
         try:
-            is_dir = stat.S_ISDIR(os.lstat(self.path).st_mode)
+            is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
             if not is_dir:
                 try:
-                    os.link(self.path, target, follow_symlinks=False)
+                    os.link(path, target, follow_symlinks=False)
                     return target
                 except OSError as e:
                     if e.errno not in (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP):
                         raise
-            os.rename(self.path, target)
+            os.rename(path, target)
         except FileNotFoundError:
             return None
         return target
@@ -740,28 +872,63 @@ class StateFile:
             log.warning("could not put %s back at %s: %s", aside, self.path, e)
 
     def save(self, state: State) -> None:
+        """Write ``state`` whole (a snapshot), then start a new journal."""
         with self._lock:
             directory = os.path.dirname(self.path) or "."
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".state.", dir=directory)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(self._lines.text(state))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.rename(tmp, self.path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _replace(self.path, self._lines.text(state).encode())
+            # The journal after the snapshot: what the old one said is in it.
+            header = json.dumps({"journal": JOURNAL_VERSION}) + "\n"
+            _replace(self.journal_path, header.encode())
+            _sync_directory(directory)
+            self._journal_lines = 0
             self._cached = state
 
+    # -- one change, one journal line
+
+    def put_lease(self, record: LeaseRecord) -> State:
+        with self._lock:
+            change = {"put": "lease", "key": record.id, "record": _fields(record, "id")}
+            return self._commit(self.load().with_lease(record), change)
+
+    def drop_lease(self, lease_id: str) -> State:
+        with self._lock:
+            return self._commit(
+                self.load().without_lease(lease_id), {"drop": "lease", "key": lease_id}
+            )
+
+    def put_binding(self, record: BindingRecord) -> State:
+        with self._lock:
+            change = {"put": "binding", "key": record.address, "record": _fields(record, "address")}
+            return self._commit(self.load().with_binding(record), change)
+
+    def drop_binding(self, address: str) -> State:
+        with self._lock:
+            change = {"drop": "binding", "key": address}
+            return self._commit(self.load().without_binding(address), change)
+
+    def _commit(self, state: State, change: Mapping[str, Any]) -> State:
+        """Record ``change``, which made ``state``: a line in the journal, or a
+        snapshot when the journal is long (or there is none yet)."""
+        records = len(state.bindings) + len(state.leases)
+        if self._journal_lines is None or self._journal_lines >= max(COMPACT_AFTER, 2 * records):
+            self.save(state)
+            return state
+        line = json.dumps(change, separators=(",", ":")) + "\n"
+        # Opened for each line: vfiod holds no fd of its own state between changes.
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._journal_lines += 1
+        self._cached = state
+        return state
+
     def update(self, change: Callable[[State], State]) -> State:
-        """Load, apply ``change``, save; return the new state."""
+        """Load, apply ``change``, save it whole; return the new state. (For
+        changes of many records; one record: put_lease() and the like.)"""
         with self._lock:
             new = change(self.load())
             self.save(new)

@@ -78,6 +78,7 @@ from tests.fakehost import (
     STEPS_VARIABLE,
 )
 from vfiod.client import Client
+from vfiod.state import JOURNAL_SUFFIX
 
 POLICY = """
 [[rule]]
@@ -870,7 +871,10 @@ def test_a_corrupt_state_file(
         assert seed["bindings"][str(NIC)]["phase"] == "binding", seed
         assert seed["bindings"][str(NIC)]["original_driver"] == "e1000e", seed
         assert daemon.driver(str(NIC)) is None
-        text = daemon.state_path.read_text()
+        # The state in one file, as a snapshot (no journal), to be damaged.
+        text = json.dumps(seed, indent=1)
+        daemon.state_path.write_text(text)
+        Path(str(daemon.state_path) + JOURNAL_SUFFIX).unlink(missing_ok=True)
         if corruption == "a-directory":
             daemon.state_path.unlink()
             daemon.state_path.mkdir()

@@ -20,6 +20,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,7 +40,7 @@ from tests.bus.test_bus_policy import (
     RawClient,
     RawMessage,
 )
-from tests.bus.vfiod import Clients, VfiodProcess
+from tests.bus.vfiod import Clients, VfiodProcess, run_vfiod
 from tests.fakehost import E1000_A, NIC, SATA
 from vfiod.bus.checked import complete_types
 from vfiod.client import Client
@@ -674,3 +675,62 @@ def test_the_contract_lists_its_errors() -> None:
     assert "org.vfiod1.Error.Failed" in names
     contract = ET.parse(PROJECT / "dbus/org.vfiod1.xml").getroot()
     assert {i.get("name") for i in contract.iter("interface")} >= {MANAGER, LEASE}
+
+
+MANY_POLICY = """
+[[rule]]
+name = "nobody-all"
+effect = "allow"
+address = "*"
+users = ["nobody"]
+"""
+
+
+def test_more_than_1024_fds_of_leases_and_new_clients_still_work(
+    private_bus: PrivateBus, tmp_path: Path, nobody: Clients
+) -> None:
+    """vfiod started with a soft fd limit of 1024 (systemd's default for a
+    service without LimitNOFILE) holds the container and group fds of 560
+    leases — over 1,100 fds — and a new client's calls still work: vfiod
+    raises its soft limit to the hard one, and waits with poll(2)."""
+    leases = 560
+    with run_vfiod(
+        private_bus, tmp_path / "vfiod", MANY_POLICY, f"scale:{2 * leases + 2}", soft_fd_limit=1024
+    ) as daemon:
+        holder = nobody.spawn(
+            """\
+from tests.fakehost import scale_address
+for i in range(int(sys.argv[1])):
+    lease = vfiod.acquire([str(scale_address(2 * i))], backend="legacy", open_devices=False)
+    lease.close()  # vfiod keeps its own; the lease follows this connection
+say("held")
+sys.stdin.readline()
+""",
+            str(leases),
+        )
+        try:
+            assert holder.read(timeout=120) == "held"
+            held = daemon.fds()
+            assert len(held) > 2 * leases > 1024, len(held)
+            assert held.count("anon_inode:[pidfd]") <= 1
+            # A new connection's first calls: credentials, CheckAccess, a lease.
+            code = """\
+from tests.fakehost import scale_address
+device = str(scale_address(2 * int(sys.argv[1])))
+access = vfiod.check_access([device])
+lease = vfiod.acquire([device], backend="legacy")
+names = sorted(lease.fds)
+lease.close()
+vfiod.release(lease)
+say([access[0].allowed, names])
+"""
+            allowed, fds = nobody.run(code, str(leases))  # the one group left
+            assert allowed is True
+            group = f"group:{leases + 100}"  # (a scale host's groups start at 100)
+            assert [f for f in fds if not f.startswith("device:")] == ["container", group], fds
+            holder.send()
+            holder.finish()
+        finally:
+            if holder.process.poll() is None:
+                holder.kill()
+        daemon.wait_for(lambda: daemon.state().get("leases") == {}, "every lease ending", 30)

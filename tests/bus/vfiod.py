@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from tests.bus import (
 from tests.fakehost import SLOW_UNBIND_FILE
 from vfiod.host.sysfs import Sysfs
 from vfiod.pci import PciAddress
+from vfiod.state import JOURNAL_SUFFIX, read_state, state_text
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -76,6 +78,8 @@ import json, os, signal, socket, sys
     + KEEP_NOTICE
     + """\
 path, directory = sys.argv[1], sys.argv[2]
+import resource  # it keeps every fd of every lease, as systemd does
+resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
 if os.path.exists(path):
     os.unlink(path)
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -142,8 +146,13 @@ class VfiodProcess:
         return self.sysfs.driver(PciAddress.parse(address))
 
     def state(self) -> dict[str, Any]:
+        """What vfiod has recorded: its state file with its journal replayed,
+        in the file's form ({} when there is neither)."""
         path = self.state_path
-        return dict(json.loads(path.read_text())) if path.exists() else {}
+        if not path.exists() and not Path(str(path) + JOURNAL_SUFFIX).exists():
+            return {}
+        state, _problems = read_state(str(path))
+        return dict(json.loads(state_text(state)))
 
     @property
     def pid(self) -> int:
@@ -261,15 +270,21 @@ def run_vfiod(
     *,
     slow_unbind: float | None = None,
     environment: Mapping[str, str] | None = None,
+    soft_fd_limit: int | None = None,
 ) -> contextlib.AbstractContextManager[VfiodProcess]:
     """vfiod on a fake host (python -m tests.fakehost) built in ``directory``;
     ``slow_unbind``: seconds each unbind takes (``VfiodProcess.slow_unbind``
-    changes it); ``environment``: more of vfiod's environment (WATCHDOG_USEC)."""
+    changes it); ``environment``: more of vfiod's environment (WATCHDOG_USEC);
+    ``soft_fd_limit``: vfiod starts with this soft RLIMIT_NOFILE (systemd's
+    default for services is 1024)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "policy.toml").write_text(policy)
     if slow_unbind is not None:
         (directory / SLOW_UNBIND_FILE).write_text(str(slow_unbind))
     argv = [sys.executable, "-s", "-m", "tests.fakehost", str(directory), topology]
+    if soft_fd_limit is not None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        argv = ["prlimit", f"--nofile={soft_fd_limit}:{hard}", "--", *argv]
     host = directory / "host"
     daemon = VfiodProcess(
         bus,

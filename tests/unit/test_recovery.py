@@ -15,6 +15,7 @@ from vfiod.broker import LeaseState
 
 
 def damage(w: World, change: str) -> None:
+    w.host.state.save(w.host.state.load())  # every record in the snapshot, none in the journal
     path = Path(w.host.state.path)
     raw = json.loads(path.read_text())
     if change == "bindings":

@@ -41,7 +41,7 @@ def test_save_replaces_atomically_and_leaves_no_temporary(tmp_path: Path) -> Non
     inode = os.stat(store.path).st_ino
     store.save(State())
     assert os.stat(store.path).st_ino != inode, "a new file renamed over the old one"
-    assert os.listdir(tmp_path) == ["state.json"]
+    assert sorted(os.listdir(tmp_path)) == ["state.json", "state.json.journal"]
 
 
 def test_failed_save_keeps_the_old_state(tmp_path: Path) -> None:
@@ -55,7 +55,7 @@ def test_failed_save_keeps_the_old_state(tmp_path: Path) -> None:
     with pytest.raises((TypeError, AttributeError)):
         store.save(broken)
     assert store.load().bindings == {RECORD.address: RECORD}
-    assert os.listdir(tmp_path) == ["state.json"]
+    assert sorted(os.listdir(tmp_path)) == ["state.json", "state.json.journal"]
 
 
 @pytest.mark.parametrize(
@@ -113,4 +113,4 @@ def test_unreadable_state_file_is_an_error(tmp_path: Path, monkeypatch: pytest.M
     assert error.value.errno == errno.EIO
     assert str(path) in str(error.value)
     assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["state.json"]
+    assert sorted(os.listdir(tmp_path)) == ["state.json", "state.json.journal"]

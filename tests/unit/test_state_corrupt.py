@@ -503,7 +503,7 @@ def expect_repaired(
     assert again.problems == ()
     assert again.moved_aside is None
     assert sorted(os.listdir(os.path.dirname(store.path))) == sorted(
-        ["state.json", os.path.basename(aside)]
+        ["state.json", "state.json.journal", os.path.basename(aside)]
     ), "no temporary is left behind"
     (entry,) = [r for r in caplog.records if getattr(r, "MESSAGE_ID", None)]
     assert getattr(entry, "MESSAGE_ID", None) == MESSAGE_STATE_REPAIRED
@@ -717,19 +717,19 @@ def test_a_file_gone_before_it_could_be_kept(
 ) -> None:
     path = tmp_path / "state.json"
     path.write_bytes(b"[]")
-    real_read_state = vfiod.state.read_state
+    real_read = vfiod.state._read
 
-    def then_removed(name: str) -> tuple[State, list[str]]:
-        result = real_read_state(name)
+    def then_removed(name: str) -> tuple[State, list[str], int]:
+        result = real_read(name)
         os.unlink(name)
         return result
 
-    monkeypatch.setattr(vfiod.state, "read_state", then_removed)
+    monkeypatch.setattr(vfiod.state, "_read", then_removed)
     store = StateFile(str(path))
     assert store.load() == State()
     assert store.moved_aside is None
     assert store.problems
-    assert os.listdir(tmp_path) == ["state.json"]
+    assert sorted(os.listdir(tmp_path)) == ["state.json", "state.json.journal"]
     assert "gone before it could be kept" in caplog.text
 
 

@@ -8,6 +8,7 @@ itself ends (as QEMU outlives a killed vng)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,3 +119,23 @@ def test_the_guest_command_stays_off_the_kernel_command_line(tmp_path: Path) -> 
     assert "checkout" not in line
     ran = subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True, check=True)
     assert ran.stdout.splitlines() == [harness.GUEST_START, "it ran"]
+
+
+def test_virtme_ng_runs_from_a_path_without_whitespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """virtme-ng puts its own files' paths on the kernel command line
+    (init=<guest tools>/... for a modular kernel): from a venv under a path
+    with a space it runs through a link without one."""
+    venv = tmp_path / "a checkout" / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    for name in ("python", "vng"):
+        (venv / "bin" / name).write_text("")
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "executable", str(venv / "bin/python"))
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    argv = harness.vng_argv()
+    assert not any(c.isspace() for c in argv[0]), argv
+    assert Path(argv[0]).resolve() == (venv / "bin/python").resolve()
+    assert harness.vng_argv() == argv, "made once"
+    Path(argv[0]).parent.parent.unlink()

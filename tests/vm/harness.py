@@ -104,6 +104,26 @@ def vng_path() -> str:
     return found
 
 
+def vng_argv() -> list[str]:
+    """How to run virtme-ng. It puts the paths of its own files on the kernel
+    command line (``init=<its guest tools>/...`` for a modular kernel), where
+    whitespace splits them: from a venv under a path with whitespace it runs
+    through a link to the venv from the scratch folder (Python finds its
+    packages under the path it was started by)."""
+    vng = vng_path()
+    if not any(c.isspace() for c in sys.prefix) or Path(vng).parent != Path(sys.executable).parent:
+        return [vng]
+    digest = hashlib.sha256(os.fsencode(sys.prefix)).hexdigest()[:16]
+    link = Path(SCRATCH) / f"vfiod-venv-{digest}"
+    if not (link.is_symlink() and os.readlink(link) == sys.prefix):
+        temporary = link.with_name(f"{link.name}.{os.getpid()}")
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(sys.prefix)
+        temporary.rename(link)  # (another boot may be making it too)
+    python = link / "bin" / Path(sys.executable).name
+    return [str(python), "-c", "import sys; from virtme_ng.run import main; sys.exit(main())"]
+
+
 GUEST_START = "--- vfiod: guest command starts ---"
 GUEST_SCRIPT = "guest.sh"
 _POWERED_OFF = "reboot: Power down"
@@ -152,7 +172,7 @@ def run_vm(
     """Boot ``kernel`` on ``topology`` and run ``command`` (a shell line) as root
     in the guest; ``shared_dir`` is writable from inside (make it in SCRATCH:
     virtme-ng takes no whitespace in its path)."""
-    vng = vng_path()
+    vng = vng_argv()
     if any(c.isspace() for c in str(shared_dir)):
         raise ValueError(f"virtme-ng cannot share {shared_dir!r} (whitespace): use {SCRATCH}")
     if any(c.isspace() for c in str(kernel)):  # as for the shared directory
@@ -164,7 +184,7 @@ def run_vm(
     with open(disk, "wb") as f:
         f.truncate(DISK_SIZE)  # sparse and blank at every boot
     argv = [
-        vng,
+        *vng,
         "--run",
         str(kernel),
         "--disable-kvm",  # this host's /dev/kvm cannot boot stock kernels
@@ -181,7 +201,7 @@ def run_vm(
     argv += ["--append", " ".join(topology.kernel_args())]
     argv += ["--exec", guest_script(shared_dir, command)]
     env = dict(os.environ)
-    env["PATH"] = f"{Path(vng).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    env["PATH"] = f"{Path(vng[0]).parent}:{env.get('PATH', '/usr/bin:/bin')}"
     try:
         # virtme-ng works in its current folder (the initramfs of a modular
         # kernel): the shared one, which has no space in its path.

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import enum
 import errno
-import functools
 import logging
 import os
 import shutil
@@ -30,7 +29,7 @@ from vfiod.host.critical import find_critical
 from vfiod.host.inventory import IommuGroup, PciDevice, is_dma_safe
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.pci import PciAddress
-from vfiod.state import BindingRecord, BindPhase, State, StateFile
+from vfiod.state import BindingRecord, BindPhase, StateFile
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +216,7 @@ class Binder:
             original_override=self.sysfs.driver_override(address),
             phase=BindPhase.BINDING,
         )
-        self.state.update(lambda s: s.with_binding(record))
+        self.state.put_binding(record)
         progress(address, Step.BIND, original or "")
         try:
             self._move(address, device, original, driver)
@@ -237,7 +236,7 @@ class Binder:
                 e.errno or errno.EIO, f"{e}; the device was put back on {original or 'no driver'}"
             ) from e
         bound = dataclasses.replace(record, phase=BindPhase.BOUND)
-        self.state.update(lambda s: s.with_binding(bound))
+        self.state.put_binding(bound)
         progress(address, Step.BOUND, original or "")
         return bound
 
@@ -341,7 +340,7 @@ class Binder:
             self._restore(address, record)
         except HostError:
             failed = dataclasses.replace(record, phase=BindPhase.RESTORE_FAILED)
-            self.state.update(lambda s: s.with_binding(failed))
+            self.state.put_binding(failed)
             progress(address, Step.FAILED, record.original_driver or "")
             raise
         self.forget(str(address))
@@ -350,7 +349,7 @@ class Binder:
 
     def forget(self, address: str | PciAddress) -> None:
         """Drop the record of a device: vfiod will not give it back."""
-        self.state.update(lambda s: s.without_binding(str(address)))
+        self.state.drop_binding(str(address))
 
     def _restore(self, address: PciAddress, record: BindingRecord) -> None:
         device = self.sysfs.require_device(address)
@@ -418,7 +417,7 @@ class Binder:
                 phase=BindPhase.BOUND,
                 original_unknown=True,
             )
-            self.state.update(functools.partial(State.with_binding, record=record))
+            self.state.put_binding(record)
             log.warning(
                 "%s: its binding record was lost; it goes back to whichever driver takes it",
                 address,

@@ -102,3 +102,14 @@ def raise_memlock(pid: int, limit: int) -> tuple[int, int]:
             "vfiod needs CAP_SYS_RESOURCE",
         ) from e
     return new_soft, new_hard
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit, and return
+    it: every lease holds fds (and systemd hands them all back at once after
+    a restart), and vfiod waits on them with poll(2), which takes any fd
+    number. (The soft limit stays at 1024 by default for select(2)'s sake.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard

@@ -140,7 +140,7 @@ class Host:
             change, device = HostChange.REMOVED, None
             if bound:
                 # The device can no longer be restored; its record is moot.
-                self.state.update(lambda s: s.without_binding(str(event.address)))
+                self.state.drop_binding(str(event.address))
         else:
             try:
                 device = read_device(self.sysfs, event.address, self.hwdb)
