@@ -78,17 +78,15 @@ def settled_fds(daemon: VfiodProcess, timeout: float = 5.0) -> list[str]:
 
 
 def leaked_fds(daemon: VfiodProcess, before: list[str], timeout: float = 3.0) -> list[str]:
-    """What the daemon holds now beyond the fds it held `before`: empty
-    unless it holds more of them, after giving draining leases `timeout`
-    seconds (the daemon rechecks them every 0.5 s) to be freed. A socket
-    closed and another opened is no leak: only the count decides, and the
-    entries returned are those not in `before`, to say what they are."""
+    """The fds the daemon holds now that it did not hold `before`, by what
+    they are (a socket's inode included: one closed and another opened in its
+    place is a leak too), after giving draining leases `timeout` seconds (the
+    daemon rechecks them every 0.5 s) to be freed."""
     deadline = time.monotonic() + timeout
     while True:
-        after = daemon.fds()
-        extra = collections.Counter(after) - collections.Counter(before)
-        if len(after) <= len(before) or time.monotonic() > deadline:
-            return sorted(extra.elements()) if len(after) > len(before) else []
+        extra = collections.Counter(daemon.fds()) - collections.Counter(before)
+        if not extra or time.monotonic() > deadline:
+            return sorted(extra.elements())
         time.sleep(0.1)
 
 

@@ -15,7 +15,13 @@ Ratio: the p50 of a whole cycle (Acquire + Release, two round trips) over
 the p50 of one bare call; target <= 2.0 (DESIGN.md section 8). The ratio of
 each call to the bare call is printed too.
 
+With ``--held N`` the cycles run again while another client holds N leases
+(of groups of their own), and the cycle's p50 then is compared with the
+cycle's p50 with none held, in the same run: a lease change must not cost
+more as leases accumulate (target <= 1.2 at 1,000).
+
     python -m bench.warm_acquire [--cycles N] [--devices N] [--backend legacy|iommufd]
+                                 [--held N]
 """
 
 from __future__ import annotations
@@ -34,6 +40,16 @@ from tests.fakehost import scale_address
 
 WARMUP = 20
 TARGET_RATIO = 2.0
+TARGET_HELD_RATIO = 1.2
+
+# After the CLIENT prelude: hold a lease of each device given, until a line comes.
+_HOLD = """\
+for device in sys.argv[1:]:
+    lease = vfiod.acquire([device], backend="legacy", open_devices=False)
+    lease.close()  # vfiod keeps its own; the lease follows this connection
+say("held")
+sys.stdin.readline()
+"""
 
 # After the CLIENT prelude (tests.bus.vfiod): `vfiod` is a blocking Client.
 _CYCLES = """\
@@ -77,6 +93,12 @@ class Figures:
     baseline_cpu: Cpu
     vfiod_cpu: Cpu
     machine: str
+    held: int = 0  # leases another client held during the second round
+    held_cycle: tuple[float, ...] = ()  # the second round's cycles
+
+    @property
+    def held_ratio(self) -> float:
+        return p50(list(self.held_cycle)) / p50(self.cycle)
 
     @property
     def cycle(self) -> list[float]:
@@ -102,9 +124,10 @@ def time_bare_calls(bus: PrivateBus, count: int) -> tuple[list[float], Cpu]:
     return [float(t) for t in times], cpu
 
 
-def run(cycles: int = 2000, devices: int = 64, backend: str = "legacy") -> Figures:
+def run(cycles: int = 2000, devices: int = 64, backend: str = "legacy", held: int = 0) -> Figures:
     """Time `cycles` Acquire + Release cycles on a scale:`devices` host, and
-    as many bare fd calls."""
+    as many bare fd calls; with `held`, the cycles again while as many
+    leases are held."""
     if cycles < 4:
         raise ValueError("cycles: at least 4 (each half of the baseline needs two)")
     if devices < 2 or devices % 2:
@@ -112,16 +135,32 @@ def run(cycles: int = 2000, devices: int = 64, backend: str = "legacy") -> Figur
     first_functions = [str(scale_address(i)) for i in range(0, devices, 2)]
     with bench_bus() as (bus, directory):
         first, first_cpu = time_bare_calls(bus, cycles // 2)
-        with run_vfiod(bus, directory / "vfiod", POLICY, f"scale:{devices}") as daemon:
+        host = f"scale:{devices + 2 * held}"
+        with run_vfiod(bus, directory / "vfiod", POLICY, host) as daemon:
             daemon_cpu, bus_cpu = cpu_seconds(daemon.pid), cpu_seconds(bus.pid)
             timeout = 60 + cycles * 0.05
-            result = Clients(bus).run(
-                _CYCLES, str(cycles), str(WARMUP), backend, *first_functions, timeout=timeout
-            )
+            cycling = [str(cycles), str(WARMUP), backend, *first_functions]
+            result = Clients(bus).run(_CYCLES, *cycling, timeout=timeout)
             vfiod_cpu = Cpu(
                 (cpu_seconds(daemon.pid) - daemon_cpu) / (cycles + WARMUP),
                 (cpu_seconds(bus.pid) - bus_cpu) / (cycles + WARMUP),
             )
+            held_cycle: tuple[float, ...] = ()
+            if held:
+                kept = [str(scale_address(i)) for i in range(devices, devices + 2 * held, 2)]
+                holder = Clients(bus).spawn(_HOLD, *kept)
+                try:
+                    if holder.read(timeout=60 + held * 0.05) != "held":
+                        raise RuntimeError("the holder did not get its leases")
+                    again = Clients(bus).run(_CYCLES, *cycling, timeout=timeout)
+                    held_cycle = tuple(
+                        a + r for a, r in zip(again["acquire"], again["release"], strict=True)
+                    )
+                    holder.send()
+                    holder.finish()
+                finally:
+                    if holder.process.poll() is None:
+                        holder.kill()
         second, second_cpu = time_bare_calls(bus, cycles - cycles // 2)
     return Figures(
         devices=devices,
@@ -135,6 +174,8 @@ def run(cycles: int = 2000, devices: int = 64, backend: str = "legacy") -> Figur
         ),
         vfiod_cpu=vfiod_cpu,
         machine=machine(),
+        held=held,
+        held_cycle=held_cycle,
     )
 
 
@@ -162,6 +203,16 @@ def report(f: Figures) -> str:
             f"dbus-daemon {us(f.vfiod_cpu.bus)}",
             f"  ratio (p50 Acquire + Release / p50 bare call): {f.ratio:.2f}; "
             f"target <= {TARGET_RATIO}: {verdict}",
+            *(
+                [
+                    _line(f"... with {f.held} leases held", list(f.held_cycle), f.baseline),
+                    f"  ratio (p50 cycle with {f.held} leases held / p50 cycle with none): "
+                    f"{f.held_ratio:.2f}; target <= {TARGET_HELD_RATIO}: "
+                    + ("met" if f.held_ratio <= TARGET_HELD_RATIO else "MISSED"),
+                ]
+                if f.held
+                else []
+            ),
             f"  machine: {f.machine}",
         ]
     )
@@ -172,9 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cycles", type=int, default=2000, help="timed cycles")
     parser.add_argument("--devices", type=int, default=64, help="devices of the fake host")
     parser.add_argument("--backend", choices=("legacy", "iommufd"), default="legacy")
+    parser.add_argument("--held", type=int, default=0, help="leases held in a second round")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
-    figures = run(args.cycles, args.devices, args.backend)
+    figures = run(args.cycles, args.devices, args.backend, args.held)
     if args.json:
         print(
             json.dumps(
@@ -193,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
                         for q, f in (("p50", p50), ("p90", p90))
                     },
                     "ratio_p50": figures.ratio,
+                    "held": figures.held,
+                    **({"held_cycle_p50_s": p50(list(figures.held_cycle))} if figures.held else {}),
                     "baseline_cpu_s": dataclasses.asdict(figures.baseline_cpu),
                     "vfiod_cpu_s": dataclasses.asdict(figures.vfiod_cpu),
                     "machine": figures.machine,

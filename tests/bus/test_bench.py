@@ -29,6 +29,14 @@ def test_warm_acquire_runs() -> None:
     assert "Acquire + Release" in warm_acquire.report(figures)
 
 
+def test_warm_acquire_with_leases_held_runs() -> None:
+    figures = warm_acquire.run(cycles=4, devices=4, held=3)
+    assert figures.held == 3
+    assert len(figures.held_cycle) == 4
+    assert figures.held_ratio > 0
+    assert "with 3 leases held" in warm_acquire.report(figures)
+
+
 def test_scale_runs() -> None:
     figures = scale.run(devices=16, baseline_devices=2, calls=2)
     for host, devices in ((figures.big, 16), (figures.small, 2)):

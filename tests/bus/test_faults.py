@@ -54,6 +54,7 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -126,6 +127,8 @@ control.bind(control_path)
 control.listen()
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 store = {}
+import resource  # it keeps every fd of every lease, as systemd does
+resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
 
 def receive():
     while True:
@@ -143,7 +146,11 @@ while True:
         connection, _ = control.accept()
         receive()
         names = sorted(store)
-        socket.send_fds(connection, [json.dumps(names).encode()], [store[n] for n in names])
+        fds = [store[n] for n in names]
+        # At most 253 fds go in one message (SCM_MAX_FD): the names, then the fds.
+        connection.send(json.dumps(names).encode())
+        for at in range(0, len(fds), 253):
+            socket.send_fds(connection, [b"fds"], fds[at : at + 253])
         connection.close()
 """
 )
@@ -286,8 +293,13 @@ class FaultyVfiod(VfiodProcess):
         """What the fd store holds now: names and duplicates of the fds."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as control:
             control.connect(str(self.control_path))
-            message, fds, _flags, _address = socket.recv_fds(control, 1 << 16, 253)
-        return list(json.loads(message)), fds
+            names = list(json.loads(control.recv(1 << 24)))
+            fds: list[int] = []
+            while len(fds) < len(names):
+                _message, more, _flags, _address = socket.recv_fds(control, 16, 253)
+                assert more, f"the fd store sent {len(fds)} of {len(names)} fds"
+                fds += more
+        return names, fds
 
     def start(self, env: Mapping[str, str] | None = None) -> None:
         names, fds = self.stored()
@@ -903,3 +915,82 @@ def test_a_corrupt_state_file(
         assert daemon.state()["leases"] == {}
         check_log(daemon)
         assert daemon.stop() == 0, daemon.log()
+
+
+# -- many leases
+
+MANY_POLICY = """
+[[rule]]
+name = "nobody-all"
+effect = "allow"
+address = "*"
+users = ["nobody"]
+"""
+
+HOLD_MANY = """\
+from tests.fakehost import scale_address
+count = int(sys.argv[1])
+for i in range(count):
+    lease = vfiod.acquire([str(scale_address(2 * i))], backend="legacy", open_devices=False)
+    lease.close()  # vfiod keeps its own; the lease follows this connection
+say("held")
+sys.stdin.readline()
+"""
+
+# Acquires and releases one more group until killed: vfiod dies mid-change.
+CHURN = """\
+from tests.fakehost import scale_address
+device = str(scale_address(2 * int(sys.argv[1])))
+say("churning")
+while True:
+    try:
+        lease = vfiod.acquire([device], backend="legacy", open_devices=False)
+        lease.close()
+        vfiod.release(lease)
+    except VfiodError:
+        time.sleep(0.01)
+"""
+
+
+def test_sigkill_with_a_thousand_leases(
+    private_bus: PrivateBus, tmp_path: Path, nobody: Clients
+) -> None:
+    """vfiod is killed while 1,000 leases exist (and another client is
+    acquiring and releasing): the next vfiod adopts every one of them from
+    the fd store and its journal, and once their client leaves, gives
+    everything back and keeps nothing."""
+    leases = 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4 * leases:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {4 * leases}: raise it (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the fd store comes through here
+    daemon = FaultyVfiod(private_bus, tmp_path / "vfiod", f"scale:{2 * leases + 2}")
+    daemon.open(MANY_POLICY)
+    holder = churn = None
+    try:
+        daemon.start()
+        holder = nobody.spawn(HOLD_MANY, str(leases))
+        assert holder.read(timeout=300) == "held"
+        churn = nobody.spawn(CHURN, str(leases))
+        assert churn.read() == "churning"
+        time.sleep(0.3)
+        daemon.kill()
+        churn.kill()
+        daemon.start()
+        with root_client(private_bus) as root:
+            held = root.inventory().leases
+        mine = [info for info in held.values() if info.details and info.details.state == "active"]
+        assert len(mine) >= leases, f"{len(mine)} of {leases} leases adopted"
+        assert "re-adopted" in daemon.latest_log()
+        holder.send()  # its connection closes: every lease ends
+        holder.finish()
+        daemon.wait_for(lambda: not daemon.state().get("leases"), "every lease ending", 60)
+        daemon.wait_for(lambda: daemon.stored()[0] == [], "the fd store emptying", 30)
+        assert daemon.state().get("bindings") == {}
+        assert daemon.stop() == 0, daemon.log()
+    finally:
+        for client in (holder, churn):
+            if client is not None and client.process.poll() is None:
+                client.kill()
+        daemon.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -125,17 +125,30 @@ def test_virtme_ng_runs_from_a_path_without_whitespace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """virtme-ng puts its own files' paths on the kernel command line
-    (init=<guest tools>/... for a modular kernel): from a venv under a path
-    with a space it runs through a link without one."""
+    (init=<guest tools>/... for a modular kernel), and runs its other
+    scripts (virtme-run) from PATH: from a venv under a path with a space,
+    both run with a Python whose packages are under a path without one."""
     venv = tmp_path / "a checkout" / ".venv"
     (venv / "bin").mkdir(parents=True)
-    for name in ("python", "vng"):
-        (venv / "bin" / name).write_text("")
+    shutil.copy(Path(sys.prefix) / "pyvenv.cfg", venv / "pyvenv.cfg")
+    (venv / "bin/python").symlink_to(os.path.realpath(sys.executable))
+    says_prefix = "#!/bin/false\nimport sys\nprint(sys.prefix, sys.argv[1:])\n"
+    for name in ("vng", "virtme-run"):
+        (venv / "bin" / name).write_text(says_prefix)
     monkeypatch.setattr(sys, "prefix", str(venv))
     monkeypatch.setattr(sys, "executable", str(venv / "bin/python"))
     monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
     argv = harness.vng_argv()
-    assert not any(c.isspace() for c in argv[0]), argv
-    assert Path(argv[0]).resolve() == (venv / "bin/python").resolve()
-    assert harness.vng_argv() == argv, "made once"
-    Path(argv[0]).parent.parent.unlink()
+    try:
+        assert harness.vng_argv() == argv, "made once"
+        for name in ("vng", "virtme-run"):
+            script = Path(argv[0]).with_name(name)
+            ran = subprocess.run([script, "x y"], capture_output=True, text=True, check=True)
+            prefix, args = ran.stdout.strip().split(" ", 1)
+            assert not any(c.isspace() for c in prefix), prefix
+            assert Path(prefix).resolve() == venv.resolve()
+            assert args == "['x y']"
+    finally:
+        wrappers = Path(argv[0]).parent
+        shutil.rmtree(wrappers)
+        Path(str(wrappers).removesuffix(".bin")).unlink()

@@ -107,21 +107,38 @@ def vng_path() -> str:
 def vng_argv() -> list[str]:
     """How to run virtme-ng. It puts the paths of its own files on the kernel
     command line (``init=<its guest tools>/...`` for a modular kernel), where
-    whitespace splits them: from a venv under a path with whitespace it runs
+    whitespace splits them. From a venv under a path with whitespace it runs
     through a link to the venv from the scratch folder (Python finds its
-    packages under the path it was started by)."""
+    packages under the path it was started by), and so do the scripts it
+    runs (virtme-run, ...), through wrappers in a folder first on its PATH."""
     vng = vng_path()
-    if not any(c.isspace() for c in sys.prefix) or Path(vng).parent != Path(sys.executable).parent:
+    here = Path(sys.executable).parent
+    if not any(c.isspace() for c in sys.prefix) or Path(vng).parent != here:
         return [vng]
     digest = hashlib.sha256(os.fsencode(sys.prefix)).hexdigest()[:16]
     link = Path(SCRATCH) / f"vfiod-venv-{digest}"
-    if not (link.is_symlink() and os.readlink(link) == sys.prefix):
-        temporary = link.with_name(f"{link.name}.{os.getpid()}")
-        temporary.unlink(missing_ok=True)
-        temporary.symlink_to(sys.prefix)
-        temporary.rename(link)  # (another boot may be making it too)
+    _replace_link(link, sys.prefix)
+    wrappers = Path(SCRATCH) / f"vfiod-venv-{digest}.bin"
+    wrappers.mkdir(exist_ok=True)
     python = link / "bin" / Path(sys.executable).name
-    return [str(python), "-c", "import sys; from virtme_ng.run import main; sys.exit(main())"]
+    for script in [*sorted(here.glob("virtme-*")), here / "vng"]:
+        wrapper = wrappers / script.name
+        # pip's scripts are Python too (their sh trampoline is a string to it)
+        run = shlex.join([str(python), str(link / "bin" / script.name)])
+        text = f'#!/bin/sh\nexec {run} "$@"\n'
+        if not wrapper.exists() or wrapper.read_text() != text:
+            wrapper.write_text(text)
+            wrapper.chmod(0o755)
+    return [str(wrappers / "vng")]
+
+
+def _replace_link(link: Path, target: str) -> None:
+    if link.is_symlink() and os.readlink(link) == target:
+        return
+    temporary = link.with_name(f"{link.name}.{os.getpid()}")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(target)
+    temporary.rename(link)  # (another boot may be making it too)
 
 
 GUEST_START = "--- vfiod: guest command starts ---"
