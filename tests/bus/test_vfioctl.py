@@ -408,7 +408,8 @@ def test_acquire_holds_the_lease_until_input_ends_or_a_signal(
     assert held.process.returncode == 0, err
     assert "vfioctl: SIGTERM: releasing lease" in err
     vfiod.wait_for(lambda: vfiod.driver(str(E1000_B)) == "e1000", "e1000 coming back")
-    assert vfiod.state()["leases"] == {}
+    # (its record goes a moment after its devices are back)
+    vfiod.wait_for(lambda: vfiod.state()["leases"] == {}, "the lease record going", 10)
 
 
 def first_line(spawned: Spawned, timeout: float = 20.0) -> str:
@@ -482,7 +483,8 @@ def test_run_gives_the_command_its_fds_and_releases_after(
     assert "vfioctl: moving 0000:00:10.0 from e1000e to vfio-pci" in err
     assert "Traceback" not in err
     vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")
-    assert vfiod.state()["leases"] == {}
+    # (its record goes a moment after its devices are back)
+    vfiod.wait_for(lambda: vfiod.state()["leases"] == {}, "the lease record going", 10)
 
 
 def test_run_refuses_a_placeholder_the_lease_has_no_fd_for(vfiod: VfiodProcess) -> None:
@@ -498,7 +500,8 @@ def test_run_refuses_a_placeholder_the_lease_has_no_fd_for(vfiod: VfiodProcess) 
     assert missing.returncode == 127
     assert "vfioctl: cannot run /no/such/vmm: No such file or directory" in missing.stderr
     vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")
-    assert vfiod.state()["leases"] == {}
+    # (its record goes a moment after its devices are back)
+    vfiod.wait_for(lambda: vfiod.state()["leases"] == {}, "the lease record going", 10)
 
 
 @pytest.mark.parametrize(
@@ -526,7 +529,8 @@ def test_run_passes_signals_on_and_exits_with_the_command(
     assert running.process.returncode == status, err
     assert "Traceback" not in err
     vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")
-    assert vfiod.state()["leases"] == {}
+    # (its record goes a moment after its devices are back)
+    vfiod.wait_for(lambda: vfiod.state()["leases"] == {}, "the lease record going", 10)
 
 
 NOIOMMU_POLICY = """
