@@ -597,7 +597,6 @@ class Broker:
         if not addresses:
             raise InvalidArgument("name at least one device (a PCI address like 0000:00:10.0)")
         deadline = time.monotonic() + options.timeout - _reply_margin(options.timeout)
-        self._check_request_id(owner, options.request_id)
         owner_pid = self._check_owner(caller, options.owner_pidfd)
         if options.managed:
             # The plan decides on a scan as fresh as the request, and binding
@@ -606,6 +605,7 @@ class Broker:
         # Nothing below yields until the groups are reserved.
         policy = self.policy.current
         backend, request = self._request(policy, options)
+        # (After the scan: another request may have taken the id meanwhile.)
         self._check_request_id(owner, options.request_id)
         targets = [self._target(text) for text in addresses]
         for target in targets:

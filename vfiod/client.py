@@ -436,8 +436,14 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-def _request_id() -> str:
-    return secrets.token_hex(8)
+def _acquire_call(
+    bus: SdBus, devices: Sequence[str], timeout: float, options: Mapping[str, Any]
+) -> tuple[str, SdBusMessage]:
+    """An Acquire under a request-id of its own (to Cancel it by), telling
+    vfiod how long the caller waits."""
+    request_id = secrets.token_hex(8)
+    options = _options(**options, request_id=request_id, timeout=timeout)
+    return request_id, _call(bus, MANAGER, "Acquire", "asa{sv}", list(devices), options)
 
 
 def _timed_out(e: VfiodError) -> bool:
@@ -499,15 +505,7 @@ class Client:
                     devices, timeout=timeout, progress=progress, **options
                 )
             )
-        request_id = _request_id()
-        message = _call(
-            self.bus,
-            MANAGER,
-            "Acquire",
-            "asa{sv}",
-            list(devices),
-            _options(**options, request_id=request_id, timeout=timeout),
-        )
+        request_id, message = _acquire_call(self.bus, devices, timeout, options)
         try:
             with _call_timeout(self.bus, timeout):
                 return _acquired(self._send(message))
@@ -622,15 +620,7 @@ class AsyncClient:
         **options: Any,
     ) -> Lease:
         """As Client.acquire; a task cancelled while it waits cancels the request."""
-        request_id = _request_id()
-        message = _call(
-            self.bus,
-            MANAGER,
-            "Acquire",
-            "asa{sv}",
-            list(devices),
-            _options(**options, request_id=request_id, timeout=timeout),
-        )
+        request_id, message = _acquire_call(self.bus, devices, timeout, options)
         watching = _ProgressWatch(request_id, progress) if progress is not None else None
         try:
             if watching is not None:

@@ -68,7 +68,15 @@ from typing import Any
 import pytest
 
 from tests.bus import NOBODY, PROJECT, PrivateBus, _child_env
-from tests.bus.vfiod import KEEP_NOTICE, START_TIMEOUT, STOP_TIMEOUT, Clients, VfiodProcess
+from tests.bus.vfiod import (
+    HOLD_MANY,
+    KEEP_NOTICE,
+    NOBODY_ANY_POLICY,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    Clients,
+    VfiodProcess,
+)
 from tests.fakehost import (
     E1000_A,
     E1000_B,
@@ -919,24 +927,6 @@ def test_a_corrupt_state_file(
 
 # -- many leases
 
-MANY_POLICY = """
-[[rule]]
-name = "nobody-all"
-effect = "allow"
-address = "*"
-users = ["nobody"]
-"""
-
-HOLD_MANY = """\
-from tests.fakehost import scale_address
-count = int(sys.argv[1])
-for i in range(count):
-    lease = vfiod.acquire([str(scale_address(2 * i))], backend="legacy", open_devices=False)
-    lease.close()  # vfiod keeps its own; the lease follows this connection
-say("held")
-sys.stdin.readline()
-"""
-
 # Acquires and releases one more group until killed: vfiod dies mid-change.
 CHURN = """\
 from tests.fakehost import scale_address
@@ -965,7 +955,7 @@ def test_sigkill_with_a_thousand_leases(
         pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {4 * leases}: raise it (ulimit -Hn)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the fd store comes through here
     daemon = FaultyVfiod(private_bus, tmp_path / "vfiod", f"scale:{2 * leases + 2}")
-    daemon.open(MANY_POLICY)
+    daemon.open(NOBODY_ANY_POLICY)
     holder = churn = None
     try:
         daemon.start()

@@ -40,7 +40,7 @@ from tests.bus.test_bus_policy import (
     RawClient,
     RawMessage,
 )
-from tests.bus.vfiod import Clients, VfiodProcess, run_vfiod
+from tests.bus.vfiod import HOLD_MANY, NOBODY_ANY_POLICY, Clients, VfiodProcess, run_vfiod
 from tests.fakehost import E1000_A, NIC, SATA
 from vfiod.bus.checked import complete_types
 from vfiod.client import Client
@@ -677,15 +677,6 @@ def test_the_contract_lists_its_errors() -> None:
     assert {i.get("name") for i in contract.iter("interface")} >= {MANAGER, LEASE}
 
 
-MANY_POLICY = """
-[[rule]]
-name = "nobody-all"
-effect = "allow"
-address = "*"
-users = ["nobody"]
-"""
-
-
 def test_more_than_1024_fds_of_leases_and_new_clients_still_work(
     private_bus: PrivateBus, tmp_path: Path, nobody: Clients
 ) -> None:
@@ -695,19 +686,13 @@ def test_more_than_1024_fds_of_leases_and_new_clients_still_work(
     raises its soft limit to the hard one, and waits with poll(2)."""
     leases = 560
     with run_vfiod(
-        private_bus, tmp_path / "vfiod", MANY_POLICY, f"scale:{2 * leases + 2}", soft_fd_limit=1024
+        private_bus,
+        tmp_path / "vfiod",
+        NOBODY_ANY_POLICY,
+        f"scale:{2 * leases + 2}",
+        soft_fd_limit=1024,
     ) as daemon:
-        holder = nobody.spawn(
-            """\
-from tests.fakehost import scale_address
-for i in range(int(sys.argv[1])):
-    lease = vfiod.acquire([str(scale_address(2 * i))], backend="legacy", open_devices=False)
-    lease.close()  # vfiod keeps its own; the lease follows this connection
-say("held")
-sys.stdin.readline()
-""",
-            str(leases),
-        )
+        holder = nobody.spawn(HOLD_MANY, str(leases))
         try:
             assert holder.read(timeout=120) == "held"
             held = daemon.fds()

@@ -95,6 +95,25 @@ while True:
 """
 )
 
+# Every device to nobody, without managed binding (a scale host's devices
+# start on vfio-pci), and a client snippet (after CLIENT) that holds a lease
+# of the first function of each of the first argv[1] groups of a scale host.
+NOBODY_ANY_POLICY = """
+[[rule]]
+name = "nobody-all"
+effect = "allow"
+address = "*"
+users = ["nobody"]
+"""
+HOLD_MANY = """\
+from tests.fakehost import scale_address
+for i in range(int(sys.argv[1])):
+    lease = vfiod.acquire([str(scale_address(2 * i))], backend="legacy", open_devices=False)
+    lease.close()  # vfiod keeps its own; the lease follows this connection
+say("held")
+sys.stdin.readline()
+"""
+
 # Prepended to client snippets: the project's own client, as nobody.
 CLIENT = """\
 import json, os, sys, time
