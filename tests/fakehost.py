@@ -32,7 +32,6 @@ import functools
 import os
 import pickle
 import selectors
-import shutil
 import signal
 import socket
 import sys
@@ -41,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from vfiod.host.fake import NOIOMMU_PARAMETER, FakeSysfs, SriovCapability
+from vfiod.host.fake import NOIOMMU_PARAMETER, FakeDevice, FakeDriver, FakeSysfs, SriovCapability
 from vfiod.host.sysfs import Sysfs
 from vfiod.pci import PciAddress
 from vfiod.state import State, StateFile
@@ -277,7 +276,7 @@ def main(argv: list[str]) -> int:
     kernel_socket = os.environ.get(KERNEL_SOCKET_VARIABLE)
     kernel: Kernel
     if kernel_socket:
-        host = reopen(directory / "host", topology)
+        host = reopen(directory / "host")
         kernel = RemoteKernel(kernel_socket)
     else:
         host = build(
@@ -317,6 +316,7 @@ def main(argv: list[str]) -> int:
 # and Parts that count every step the daemon takes and can kill it at one.
 
 KERNEL_SOCKET_VARIABLE = "VFIOD_TEST_KERNEL"
+DESCRIPTION_FILE = "description.pickle"  # in the host's directory (describe)
 SLOW_UNBIND_FILE = "slow-unbind"  # in the daemon's directory: seconds per unbind
 STEPS_VARIABLE = "VFIOD_TEST_STEPS"
 KILL_BEFORE_VARIABLE = "VFIOD_TEST_KILL_AT"
@@ -341,32 +341,49 @@ def _fd_arguments(method: str) -> tuple[int, ...]:
     return _FD_ARGUMENTS.get(method, (0,))
 
 
-def reopen(directory: Path, topology: str) -> FakeHost:
+def describe(host: FakeHost) -> None:
+    """Keep what ``host``'s devices are (not their state) beside its tree, for
+    ``reopen``: rebuilding the topology to learn it cost a restarted daemon
+    seconds at a few thousand devices."""
+    fs = host.sysfs
+    description = (fs._devices, fs._drivers, fs._sriov)
+    (host.directory / DESCRIPTION_FILE).write_bytes(pickle.dumps(description))
+
+
+def reopen(directory: Path) -> FakeHost:
     """The fake host in ``directory`` as the last process left it (see
     ``ReopenedSysfs``); its kernel (a model the caller does not use: the real
     one runs in a ``KernelServer``) is fresh."""
-    template = directory.parent / f"{directory.name}-template"
-    shutil.rmtree(template, ignore_errors=True)
-    described = build(template, topology)
-    sysfs = ReopenedSysfs(directory / "sys", described.sysfs)
+    description = (directory / DESCRIPTION_FILE).read_bytes()
+    devices, drivers, sriov = pickle.loads(description)  # noqa: S301 - the test's own file
+    sysfs = ReopenedSysfs(directory / "sys", devices, drivers, sriov)
     return FakeHost(
-        directory, sysfs, described.kernel, StateFile(str(directory / "run/state.json"))
+        directory,
+        sysfs,
+        FakeKernel(cross_process=True),
+        StateFile(str(directory / "run/state.json")),
     )
 
 
 class ReopenedSysfs(FakeSysfs):
     """A fake sysfs over a tree another process built and changed. The tree
     holds every changing state (drivers, overrides, VFs); what the devices
-    are comes from ``described``, a fresh build of the same topology."""
+    are comes from the builder's description (``describe``)."""
 
-    def __init__(self, root: str | os.PathLike[str], described: FakeSysfs) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        devices: dict[PciAddress, FakeDevice],
+        drivers: dict[str, FakeDriver],
+        sriov: list[FakeDevice],
+    ) -> None:
         parameter = os.path.join(os.fspath(root), NOIOMMU_PARAMETER)
         with open(parameter) as f:
             noiommu = f.read().strip() in ("Y", "y", "1")
         super().__init__(root, noiommu=noiommu)
-        self._devices = dict(described._devices)
-        self._drivers = dict(described._drivers)
-        self._sriov = list(described._sriov)
+        self._devices = dict(devices)
+        self._drivers = dict(drivers)
+        self._sriov = list(sriov)
 
 
 class KernelServer:
@@ -449,6 +466,7 @@ def serve_kernel(directory: Path, topology: str) -> int:
     policy = (directory / "policy.toml").read_text() if (directory / "policy.toml").exists() else ""
     settings = (directory / "vfiod.toml").read_text() if (directory / "vfiod.toml").exists() else ""
     host = build(directory / "host", topology, policy=policy, settings=settings, cross_process=True)
+    describe(host)
     server = KernelServer(host.kernel, str(directory / "kernel.sock"))
     print("listening", flush=True)
     server.serve_forever()

@@ -82,6 +82,17 @@ Storage=volatile
 ReadKMsg=no
 """
 
+# dbus-daemon gives up on a service it activates after 25 s by default; under
+# TCG on a busy machine vfiod (Python, its imports, the host scan) has taken
+# longer than that to be ready. busctl in the tests waits 150 s.
+DBUS_LIMITS_CONF = """\
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <limit name="service_start_timeout">140000</limit>
+</busconfig>
+"""
+
 # Every mount the namespace starts with (inherited from the machine, or made
 # here) gets DefaultDependencies=no, so it does not conflict with
 # umount.target: systemd does not try to unmount it at poweroff. Many of them
@@ -349,6 +360,7 @@ class SystemdNamespace:
         files: dict[str, str | bytes] = {
             f"{UNIT_DIR}/{self.target}": TARGET_UNIT,
             "/run/systemd/journald.conf.d/50-vfiod-test.conf": JOURNALD_CONF,
+            "/etc/dbus-1/system.d/50-vfiod-test-limits.conf": DBUS_LIMITS_CONF,
         }
         files.update({f"{UNIT_DIR}/{name}": text for name, text in self.units.items()})
         files.update(self.files)
