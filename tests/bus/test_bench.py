@@ -38,15 +38,26 @@ def test_warm_acquire_with_leases_held_runs() -> None:
 
 
 def test_scale_runs() -> None:
-    figures = scale.run(devices=16, baseline_devices=2, calls=2)
-    for host, devices in ((figures.big, 16), (figures.small, 2)):
-        assert (host.devices, host.groups) == (devices, devices // 2)
+    figures = scale.run(devices=(16, 32), baseline_devices=2, calls=2, leases=(0, 3, 6), cycles=4)
+    assert [h.devices for h in figures.hosts] == [2, 16, 32]
+    for host in figures.hosts:
+        assert host.groups == host.devices // 2
         assert host.objects == host.devices + host.groups
         assert 0 < host.built_s < host.start_s < 60
         assert host.logged_start_s is not None
         assert len(host.round_trips) == len(host.decodes) == 2
         assert host.rss > 10_000_000
-    assert "GetManagedObjects" in scale.report(figures)
+    assert [(s.leases, s.taken, len(s.cycle)) for s in figures.steps] == [
+        (0, 0, 4),
+        (3, 3, 4),
+        (6, 3, 4),
+    ]
+    assert figures.steps[2].fds > figures.steps[0].fds, "the daemon holds the leases' fds"
+    assert all(s.state_bytes > 0 for s in figures.steps[1:])
+    text = scale.report(figures)
+    assert "GetManagedObjects" in text
+    assert "growth per 1,000 devices" in text
+    assert "leases held" in text
 
 
 def test_concurrency_runs() -> None:
