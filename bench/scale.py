@@ -74,10 +74,9 @@ from vfiod.state import JOURNAL_SUFFIX
 DEVICES = (256, 1024, 4096, 16384)
 LEASES = (0, 100, 1000, 10000)
 CYCLING_GROUPS = 32  # free groups the cycles take in turn, beyond the held ones
-# Legacy leases without an owner pidfd: a container and a group fd each in
-# vfiod and as many in the fd store's stand-in, which the benchmark's own
-# limit passes on to both.
-FDS_PER_LEASE = 2
+# Held leases, without an owner pidfd: the fds of each in vfiod (and as many
+# in the fd store's stand-in).
+FDS_PER_LEASE = {"legacy": 2, "iommufd": 1}
 
 TARGET_START = {4096: 2.0, 16384: 4.0}  # seconds
 TARGET_OBJECTS = 0.2  # seconds, at 4,096 devices
@@ -182,12 +181,12 @@ def measure(devices: int, calls: int) -> HostFigures:
 # After the CLIENT prelude: for each line (a number), take leases of the first
 # function of the next groups of a scale host until that many are held.
 _HOLD_UP_TO = """\
-held = 0
+backend, held = sys.argv[1], 0
 for line in sys.stdin:
     wanted = int(line)
     start = time.perf_counter()
     while held < wanted:
-        lease = vfiod.acquire([str(scale_address(2 * held))], backend="legacy", open_devices=False)
+        lease = vfiod.acquire([str(scale_address(2 * held))], backend=backend, open_devices=False)
         lease.close()  # vfiod keeps its own; the lease follows this connection
         held += 1
     say({"held": held, "seconds": time.perf_counter() - start})
@@ -213,6 +212,7 @@ class LeaseStep:
 class Figures:
     hosts: list[HostFigures]  # by devices; the baseline first
     steps: list[LeaseStep]  # by leases held; the first with none
+    held_backend: str  # of the held leases
     machine: str
 
     @property
@@ -226,14 +226,15 @@ class Figures:
         return next((s for s in self.steps if s.leases == leases), None)
 
 
-def measure_leases(steps: Sequence[int], cycles: int) -> list[LeaseStep]:
+def measure_leases(steps: Sequence[int], cycles: int, backend: str) -> list[LeaseStep]:
     """One vfiod; the leases held grow step by step, the cycles run at each."""
     most = max(steps)
     cycling = [str(scale_address(2 * (most + i))) for i in range(CYCLING_GROUPS)]
     with bench_bus() as (bus, directory):
         host = f"scale:{2 * (most + CYCLING_GROUPS)}"
         with run_vfiod(bus, directory / "vfiod", POLICY, host, list_fd_store=False) as daemon:
-            holder = Clients(bus).spawn("from tests.fakehost import scale_address\n" + _HOLD_UP_TO)
+            holding = "from tests.fakehost import scale_address\n" + _HOLD_UP_TO
+            holder = Clients(bus).spawn(holding, backend)
             found: list[LeaseStep] = []
             held = 0
             try:
@@ -280,16 +281,23 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _raise_fd_limit(leases: int) -> None:
-    """Room for the fds of ``leases`` in vfiod and in the stand-in fd store,
-    which inherit this process's hard limit (root may raise it, as systemd's
-    LimitNOFILE= does for the unit)."""
-    needed = FDS_PER_LEASE * leases + 4096
+def _backend_for(leases: int) -> str:
+    """The backend of the held leases: legacy (a container and a group fd
+    each, in vfiod and in the stand-in fd store, which inherit this
+    process's limit) when the hard RLIMIT_NOFILE allows it or root may raise
+    it (as systemd's LimitNOFILE= does for the unit), else iommufd (one fd
+    each)."""
+    needed = FDS_PER_LEASE["legacy"] * leases + 4096
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+        except (ValueError, OSError):  # no CAP_SYS_RESOURCE (a container)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return "iommufd"
     elif soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return "legacy"
 
 
 def run(
@@ -303,11 +311,10 @@ def run(
         raise ValueError("calls: at least 2 (the first is reported on its own)")
     if leases and 0 not in leases:
         raise ValueError("leases: the series starts with 0 (the cycles' baseline)")
-    if leases:
-        _raise_fd_limit(max(leases))
+    backend = _backend_for(max(leases)) if leases else "legacy"
     hosts = [measure(n, calls) for n in (baseline_devices, *sorted(devices))]
-    steps = measure_leases(leases, cycles) if leases else []
-    return Figures(hosts, steps, machine())
+    steps = measure_leases(leases, cycles, backend) if leases else []
+    return Figures(hosts, steps, backend, machine())
 
 
 def _verdict(met: bool) -> str:
@@ -395,7 +402,8 @@ def _devices_report(f: Figures) -> str:
 def _leases_report(f: Figures) -> str:
     none = f.steps[0]
     lines = [
-        f"scale, leases: one vfiod, leases of one group each held by one client; "
+        f"scale, leases: one vfiod, {f.held_backend} leases of one group each held by one "
+        "client; "
         f"{len(none.cycle)} Acquire + Release cycles on {CYCLING_GROUPS} free groups at each step",
         f"  {'leases held':>11} {'cycle p50':>10} {'x none':>7} {'taking each':>12} "
         f"{'VmRSS':>9} {'fds':>7} {'state':>9}",

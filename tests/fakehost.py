@@ -194,10 +194,12 @@ def add_trust(fs: FakeSysfs) -> None:
 
 
 def scale_address(index: int) -> PciAddress:
-    """Device ``index`` of a scale host: two functions per slot, 32 slots per bus."""
+    """Device ``index`` of a scale host: two functions per slot, 32 slots per
+    bus, buses 1 to 255 of each PCI domain in turn (16,320 devices a domain)."""
     slot, function = divmod(index, 2)
     bus, slot = divmod(slot, 32)
-    return PciAddress(0, bus + 1, slot, function)
+    domain, bus = divmod(bus, 255)
+    return PciAddress(domain, bus + 1, slot, function)
 
 
 def add_scale(fs: FakeSysfs, count: int) -> None:

@@ -417,6 +417,9 @@ class Broker:
         # Devices vfiod moved for no lease it knows, whose group a client
         # still holds: given back once free.
         self._orphans: set[PciAddress] = set()
+        # The leases drain() looks at: it runs on a timer and after every
+        # end, so it must not walk every lease (there may be 10,000).
+        self._draining: dict[str, Lease] = {}
         host.listeners.append(self._on_host_event)
 
     # -- queries
@@ -436,6 +439,8 @@ class Broker:
 
     def _add_lease(self, lease: Lease) -> None:
         self.leases[lease.id] = lease
+        if lease.state is LeaseState.DRAINING:
+            self._draining[lease.id] = lease
         for address in self._covered(lease):
             self._by_device.setdefault(address, []).append(lease)
         for group_id in lease.group_ids:
@@ -443,6 +448,7 @@ class Broker:
 
     def _remove_lease(self, lease: Lease) -> None:
         del self.leases[lease.id]
+        self._draining.pop(lease.id, None)
         for address in self._covered(lease):
             _unlist(self._by_device, address, lease)
         for group_id in lease.group_ids:
@@ -1227,6 +1233,7 @@ class Broker:
         if lease.state is not LeaseState.ACTIVE:
             return
         lease.state = LeaseState.DRAINING
+        self._draining[lease.id] = lease
         lease.end_reason = reason
         lease.revoked = revoked
         self._close_handles(lease)
@@ -1264,8 +1271,11 @@ class Broker:
         until they are). Returns the leases this began to free. Call it
         again later for the others (the daemon does, on a timer)."""
         freed = []
-        for lease in list(self.leases.values()):
-            if lease.state is LeaseState.DRAINING and self._groups_free(lease):
+        for lease in list(self._draining.values()):
+            if lease.state is not LeaseState.DRAINING:
+                del self._draining[lease.id]
+            elif self._groups_free(lease):
+                del self._draining[lease.id]
                 self._free(lease)
                 freed.append(lease)
         for address in [a for a in self._orphans if not self._group_busy(a)]:
@@ -1611,6 +1621,7 @@ class Broker:
                 lease.unwatch()
                 lease.unwatch = None
         self.leases.clear()
+        self._draining.clear()
         self._by_device.clear()
         self._by_group.clear()
         return kept
