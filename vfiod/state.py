@@ -140,15 +140,19 @@ class State:
     def with_binding(self, record: BindingRecord) -> State:
         return dataclasses.replace(self, bindings={**self.bindings, record.address: record})
 
+    # (Copies made by dict(), in C: a comprehension cost a change at 10,000
+    # leases more than the rest of a warm Acquire.)
     def without_binding(self, address: str) -> State:
-        rest = {a: r for a, r in self.bindings.items() if a != address}
+        rest = dict(self.bindings)
+        rest.pop(address, None)
         return dataclasses.replace(self, bindings=rest)
 
     def with_lease(self, record: LeaseRecord) -> State:
         return dataclasses.replace(self, leases={**self.leases, record.id: record})
 
     def without_lease(self, lease_id: str) -> State:
-        rest = {i: r for i, r in self.leases.items() if i != lease_id}
+        rest = dict(self.leases)
+        rest.pop(lease_id, None)
         return dataclasses.replace(self, leases=rest)
 
 
