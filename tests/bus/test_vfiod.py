@@ -200,8 +200,7 @@ sys.stdin.readline()
         lease_id = client.read().rsplit("/", 1)[1]
         assert vfiod.driver(str(NIC)) == "vfio-pci"
         # systemd keeps what vfiod holds for the lease, for a restart.
-        # Its container and its group, under its id.
-        assert vfiod.fd_store == [lease_id, lease_id]
+        assert vfiod.fd_store == [f"{lease_id}.container", f"{lease_id}.group.10"]
     finally:
         client.kill()  # holding its device fd until the kernel closes it
     vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")

@@ -862,11 +862,6 @@ class FakeKernel:
                 if not file.fds:
                     self._drop_if_unreferenced(file)
 
-    @_syscall
-    def node_of(self, fd: int) -> str:
-        file = self._file_or_foreign(fd)
-        return file.node if file is not None else ""
-
     def _region(self, device: _Device, index: int) -> RegionInfo:
         if not 0 <= index < _NUM_REGIONS:
             raise _error(errno.EINVAL)

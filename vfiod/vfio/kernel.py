@@ -73,7 +73,6 @@ class Kernel(Protocol):
     # files and memory
     def open(self, path: str, flags: int) -> int: ...
     def close(self, fd: int) -> None: ...
-    def node_of(self, fd: int) -> str: ...  # the node ``fd`` is open on; "" if none
     def pread(self, fd: int, size: int, offset: int) -> bytes: ...
     def pwrite(self, fd: int, data: bytes, offset: int) -> int: ...
     def mmap_shared(self, fd: int, size: int, offset: int) -> int: ...
@@ -196,11 +195,6 @@ class LinuxKernel:
 
     def close(self, fd: int) -> None:
         os.close(fd)
-
-    def node_of(self, fd: int) -> str:
-        # A VFIO node's path; "anon_inode:[pidfd]" and the like are no node.
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        return target if target.startswith("/dev/") else ""
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         return os.pread(fd, size, offset)
