@@ -22,17 +22,11 @@ from pathlib import Path
 
 from bench.bus_baseline import percentile
 from tests.bus import PrivateBus, require_tools, start_private_bus
-from tests.bus.vfiod import VfiodProcess
+from tests.bus.vfiod import NOBODY_ANY_POLICY, VfiodProcess
 
 # Every device to nobody, without managed binding: the scale hosts start
 # with every device on vfio-pci, so each acquire is a warm one.
-POLICY = """
-[[rule]]
-name = "bench-nobody"
-effect = "allow"
-address = "*"
-users = ["nobody"]
-"""
+POLICY = NOBODY_ANY_POLICY
 
 SHM = Path("/dev/shm")  # noqa: S108 (a fresh mkdtemp directory in it, see above)
 _READY = re.compile(r"ready ([0-9.]+) s after start")

@@ -347,7 +347,7 @@ def _devices_report(f: Figures) -> str:
         for a, b in itertools.pairwise(hosts):
             per = (value(b) - value(a)) / ((b.devices - a.devices) / 1000)
             cells.append(f"{per * scale:>9.{digits}f}")
-        return f"  {label + ' (' + unit + ')':<46}" + "".join(cells)
+        return f"  {label + (f' ({unit})' if unit else ''):<46}" + "".join(cells)
 
     header = "".join(f"{h.devices:>9}" for h in (base, *hosts))
     lines = [
