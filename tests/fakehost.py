@@ -674,8 +674,9 @@ class CountingFdStore:
         self.inner = inner
         self.steps = steps
 
-    def keep(self, name: str, fd: int) -> None:
-        self.steps.run("fdstore-keep", name, functools.partial(self.inner.keep, name, fd))
+    def keep(self, name: str, fds: Sequence[int]) -> None:
+        what = f"{name} {len(fds)}"
+        self.steps.run("fdstore-keep", what, functools.partial(self.inner.keep, name, fds))
 
     def drop(self, name: str) -> None:
         self.steps.run("fdstore-drop", name, functools.partial(self.inner.drop, name))

@@ -48,7 +48,7 @@ from vfiod.errors import (
 from vfiod.host import noiommu
 from vfiod.host.binding import Binder, CriticalDevices, Progress, Step
 from vfiod.host.inventory import IommuGroup, PciDevice, cross_check_viability, is_vfio_driver
-from vfiod.host.process import exited, owner_process, raise_memlock
+from vfiod.host.process import exited, owner_process, pidfd_pid, raise_memlock
 from vfiod.host.sysfs import HostError
 from vfiod.host.watcher import Host, HostChange, HostEvent
 from vfiod.pci import AddressError, PciAddress
@@ -69,6 +69,7 @@ from vfiod.vfio import (
     abi,
     cdev_path,
 )
+from vfiod.vfio.iommufd import IOMMUFD_PATH
 from vfiod.vfio.kernel import IovaRange
 from vfiod.worker import InlineWorker, Worker
 
@@ -193,9 +194,11 @@ class ProcessWatcher(Protocol):
 
 
 class FdStore(Protocol):
-    """Where fds survive a restart of vfiod (systemd's fd store)."""
+    """Where fds survive a restart of vfiod (systemd's fd store): ``keep``
+    puts fds under a name (adding to what it has), ``drop`` lets every fd of
+    that name go. The order of the fds is not kept."""
 
-    def keep(self, name: str, fd: int) -> None: ...
+    def keep(self, name: str, fds: Sequence[int]) -> None: ...
 
     def drop(self, name: str) -> None: ...
 
@@ -203,7 +206,7 @@ class FdStore(Protocol):
 class NoFdStore:
     """Without a service manager: fds die with the process, leases drain."""
 
-    def keep(self, name: str, fd: int) -> None:
+    def keep(self, name: str, fds: Sequence[int]) -> None:
         pass
 
     def drop(self, name: str) -> None:
@@ -284,18 +287,11 @@ class Lease:
             slices=self.caller.slices,
         )
 
-    def held_fds(self) -> dict[str, int]:
-        """The fds vfiod holds for the lease, by their fd store names."""
-        held: dict[str, int] = {}
-        for handle in self.handles:
-            if isinstance(handle, Group):
-                held[f"{self.id}.group.{handle.name}"] = handle.fileno()
-            elif isinstance(handle, Container):
-                held[f"{self.id}.container"] = handle.fileno()
-            else:
-                held[f"{self.id}.iommufd"] = handle.fileno()
+    def held_fds(self) -> list[int]:
+        """The fds vfiod holds for the lease: its handles' and the owner's pidfd."""
+        held = [handle.fileno() for handle in self.handles]
         if self.owner_pidfd is not None:
-            held[f"{self.id}.owner"] = self.owner_pidfd
+            held.append(self.owner_pidfd)
         return held
 
     def audit_fields(self) -> dict[str, object]:
@@ -908,12 +904,10 @@ class Broker:
         )
 
     def _store(self, lease: Lease) -> None:
-        """Keep the lease's fds where a restart of vfiod finds them, and
-        record the lease (with their names)."""
-        held = lease.held_fds()
-        for name, fd in held.items():
-            self.fd_store.keep(name, fd)
-        lease.stored = tuple(held)
+        """Keep the lease's fds where a restart of vfiod finds them (all under
+        the lease's id: one message to systemd), and record the lease."""
+        self.fd_store.keep(lease.id, lease.held_fds())
+        lease.stored = (lease.id,)
         self._save(lease)
 
     def _save(self, lease: Lease) -> None:
@@ -1461,8 +1455,9 @@ class Broker:
                 continue
             claimed.update(dict.fromkeys((*record.groups, *record.devices), record.id))
             lease = self._from_record(record)
-            fds = {n: remaining.pop(n)[0] for n in record.fds if n in remaining}
-            complete = bool(record.fds) and len(fds) == len(record.fds)
+            # (Names of an older vfiod's records, one per fd, are read the same way.)
+            complete = bool(record.fds) and all(n in remaining for n in record.fds)
+            fds = [fd for n in record.fds for fd in remaining.pop(n, [])]
             if complete and self._adopt(lease, record, fds):
                 log.info(
                     "lease %s (uid %d, %s) re-adopted with its fds after a restart",
@@ -1472,7 +1467,7 @@ class Broker:
                 )
             else:
                 if not complete:  # (_adopt closes what it was given)
-                    for fd in fds.values():
+                    for fd in fds:
                         os.close(fd)
                 for name in record.fds:
                     self.fd_store.drop(name)
@@ -1510,38 +1505,38 @@ class Broker:
         present = [PciAddress.parse(a) for a in keep]
         self.host.refresh(a for a in present if a in self.host.inventory.devices)
 
-    def _adopt(self, lease: Lease, record: LeaseRecord, fds: Mapping[str, int]) -> bool:
-        """Rebuild the lease's handles from its stored fds; False (with the
-        fds closed) when they are not what the record says."""
-        prefix = f"{lease.id}."
+    def _adopt(self, lease: Lease, record: LeaseRecord, fds: Sequence[int]) -> bool:
+        """Rebuild the lease's handles from its stored fds, each known by what
+        it is open on; False (with the fds closed) when they are not exactly
+        what the record says."""
         try:
+            nodes, owner = self._sort_stored(lease, fds)
             if lease.backend is Backend.LEGACY:
                 iommu_type = abi.IommuType(record.iommu_type) if record.iommu_type else None
-                container = Container.adopt(self.kernel, fds[prefix + "container"], iommu_type)
+                container_fd = nodes.pop(os.path.join(self.dev_vfio, "vfio"))
+                container = Container.adopt(self.kernel, container_fd, iommu_type)
                 lease.handles.append(container)
-                for name, fd in fds.items():
-                    if name.startswith(prefix + "group."):
-                        node = name.removeprefix(prefix + "group.")
-                        lease.handles.append(
-                            Group.adopt(self.kernel, fd, node, container, dev_dir=self.dev_vfio)
-                        )
+                for node in lease.group_nodes:
+                    fd = nodes.pop(os.path.join(self.dev_vfio, node))
+                    lease.handles.append(
+                        Group.adopt(self.kernel, fd, node, container, dev_dir=self.dev_vfio)
+                    )
                 for iova, size in record.mappings:
                     lease.mappings[iova] = DmaMapping.adopt(self.kernel, container, iova, size)
             else:
-                lease.handles.append(IommuFd(self.kernel, fds[prefix + "iommufd"], "/dev/iommu"))
-        except (VfioError, KeyError, ValueError) as e:
+                lease.handles.append(IommuFd(self.kernel, nodes.pop(IOMMUFD_PATH), IOMMUFD_PATH))
+        except (VfioError, KeyError, ValueError, OSError) as e:
             log.warning("lease %s: its stored fds cannot be adopted: %s", lease.id, e)
             adopted = {h.fileno() for h in lease.handles if not h.closed}
             for handle in lease.handles:
                 handle.close()
             lease.handles.clear()
             lease.mappings.clear()
-            for fd in fds.values():
+            for fd in fds:
                 if fd not in adopted:
                     with contextlib.suppress(OSError):
                         os.close(fd)
             return False
-        owner = fds.get(prefix + "owner")
         if owner is not None:
             lease.owner_pidfd = owner
             lease.unwatch = self.watcher.watch(
@@ -1549,6 +1544,33 @@ class Broker:
             )
         lease.stored = record.fds
         return True
+
+    def _sort_stored(self, lease: Lease, fds: Sequence[int]) -> tuple[dict[str, int], int | None]:
+        """A lease's stored fds by the node each is open on, and its owner's
+        pidfd (systemd hands them back in no particular order)."""
+        if lease.backend is Backend.LEGACY:
+            expected = [os.path.join(self.dev_vfio, n) for n in ("vfio", *lease.group_nodes)]
+        else:
+            expected = [IOMMUFD_PATH]
+        nodes: dict[str, int] = {}
+        owner: int | None = None
+        for fd in fds:
+            node = self.kernel.node_of(fd, expected)
+            if node:
+                if node in nodes:
+                    raise ValueError(f"two stored fds are open on {node}")
+                nodes[node] = fd
+                continue
+            pid = pidfd_pid(fd)
+            # (-1: the owner exited while vfiod was down; recover() ends the lease.)
+            if lease.owner_pid is None or owner is not None or pid not in (lease.owner_pid, -1):
+                raise ValueError(
+                    "a stored fd is neither one of its VFIO nodes nor the owner's pidfd"
+                )
+            owner = fd
+        if lease.owner_pid is not None and owner is None:
+            raise ValueError(f"the pidfd of its owner process {lease.owner_pid} was not kept")
+        return nodes, owner
 
     def _from_record(self, record: LeaseRecord) -> Lease:
         groups = tuple(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 from sdbus.sd_bus_internals import SdBus
 
@@ -23,11 +24,17 @@ log = logging.getLogger(__name__)
 RESTART_JOBS = frozenset({"restart", "try-restart", "reload-or-restart", "reload-or-try-restart"})
 
 
-class SystemdFdStore:
-    """FDSTORE=1 / FDSTOREREMOVE=1 with FDNAME=; a no-op outside systemd."""
+SCM_MAX_FD = 253  # the kernel's limit of fds in one message
 
-    def keep(self, name: str, fd: int) -> None:
-        notify.notify("FDSTORE=1", f"FDNAME={name}", fds=[fd])
+
+class SystemdFdStore:
+    """FDSTORE=1 / FDSTOREREMOVE=1 with FDNAME=; a no-op outside systemd.
+    systemd gives every fd of one message the message's FDNAME, so a
+    lease's fds go in one message (or a few, past SCM_MAX_FD)."""
+
+    def keep(self, name: str, fds: Sequence[int]) -> None:
+        for at in range(0, len(fds), SCM_MAX_FD):
+            notify.notify("FDSTORE=1", f"FDNAME={name}", fds=fds[at : at + SCM_MAX_FD])
 
     def drop(self, name: str) -> None:
         notify.notify("FDSTOREREMOVE=1", f"FDNAME={name}")

@@ -123,7 +123,9 @@ class LeaseRecord:
     restore: bool  # give devices vfiod moved back to their drivers when free
     max_locked_memory: int | None = None
     moved: tuple[str, ...] = ()  # devices vfiod moved to vfio-pci for this lease
-    fds: tuple[str, ...] = ()  # names of the fds vfiod holds for it (the fd store's FDNAMEs)
+    # The fd store's FDNAMEs of the fds vfiod holds for it: the lease's id (or,
+    # from an older vfiod, one name per fd: "<id>.container", "<id>.group.4").
+    fds: tuple[str, ...] = ()
     iommu_type: int | None = None  # of its container (legacy)
     mappings: tuple[tuple[int, int], ...] = ()  # (IOVA, size) mapped through MapDma
     gids: tuple[int, ...] = ()  # of the caller, as the bus gave them
@@ -178,11 +180,11 @@ _PID_MAX = 4194304  # PID_MAX_LIMIT of a 64-bit kernel
 
 
 def _fd_name(lease_id: str) -> re.Pattern[str]:
-    """The names Lease.held_fds gives a lease's fds in the fd store. Another
-    lease's name in a record would close and drop that lease's fds."""
+    """The names vfiod gives a lease's fds in the fd store (LeaseRecord.fds).
+    Another lease's name in a record would close and drop that lease's fds."""
     return re.compile(
-        re.escape(lease_id) + r"\.(?:container|iommufd|owner|group\.(?:noiommu-)?"
-        r"(?:0|[1-9][0-9]{0,9}))"
+        re.escape(lease_id) + r"(?:\.(?:container|iommufd|owner|group\.(?:noiommu-)?"
+        r"(?:0|[1-9][0-9]{0,9})))?"
     )
 
 
@@ -437,7 +439,7 @@ def _lease_record(key: str, entry: object, notes: list[str]) -> tuple[str, Lease
         raise _InvalidError("its key is not a lease id (letters, digits and _)")
     fields = _Entry(entry, _LEASE_FIELDS, notes)
     pid = _optional(_integer(1, _PID_MAX))
-    fd_name = _matching(_fd_name(key), f"a name of this lease's fds, like {key}.container")
+    fd_name = _matching(_fd_name(key), f"a name of this lease's fds: {key}")
     return key, LeaseRecord(
         id=key,
         uid=fields.get("uid", _integer(0, _UINT32_MAX - 1)),

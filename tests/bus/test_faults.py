@@ -153,8 +153,8 @@ while True:
     if control in readable:
         connection, _ = control.accept()
         receive()
-        names = sorted(store)
-        fds = [store[n] for n in names]
+        names = [n for n in sorted(store) for _ in store[n]]
+        fds = [fd for n in sorted(store) for fd in store[n]]
         # At most 253 fds go in one message (SCM_MAX_FD): the names, then the fds.
         connection.send(json.dumps(names).encode())
         for at in range(0, len(fds), 253):
@@ -465,13 +465,11 @@ ACQUIRE_NIC = [
     "kernel set_iommu 3",
     "kernel group_get_device_fd 0000:00:10.0",
     "kernel close",
-    "fdstore-keep LEASE.container",
-    "fdstore-keep LEASE.group.10",
+    "fdstore-keep LEASE 2",
     "state-save bindings=0000:00:10.0=bound leases=1",
 ]
 RELEASE_NIC = [
-    "fdstore-drop LEASE.container",
-    "fdstore-drop LEASE.group.10",
+    "fdstore-drop LEASE",
     "kernel group_unset_container",
     "kernel close",
     "kernel close",
@@ -507,13 +505,11 @@ ACQUIRE_BRIDGED = [
     "kernel close",
     "kernel group_get_device_fd 0000:02:02.0",
     "kernel close",
-    "fdstore-keep LEASE.container",
-    "fdstore-keep LEASE.group.4",
+    "fdstore-keep LEASE 2",
     "state-save bindings=0000:02:01.0=bound,0000:02:02.0=bound leases=1",
 ]
 RELEASE_BRIDGED = [
-    "fdstore-drop LEASE.container",
-    "fdstore-drop LEASE.group.4",
+    "fdstore-drop LEASE",
     "kernel group_unset_container",
     "kernel close",
     "kernel close",
@@ -607,7 +603,8 @@ class View:
         for record in records.values():
             if sorted(record.get("moved", ())) != sorted(op.moved):
                 problems.append(f"state.json says the lease moved {record.get('moved')}")
-            if not record.get("fds") or sorted(record["fds"]) != sorted(self.fd_store):
+            # (The store lists a name once per fd: a lease's fds share one.)
+            if not record.get("fds") or sorted(record["fds"]) != sorted(set(self.fd_store)):
                 problems.append(f"the fd store holds {self.fd_store}, the lease {record['fds']}")
         bindings = self.state.get("bindings", {})
         if sorted(bindings) != sorted(op.moved):
@@ -796,7 +793,7 @@ def test_sigkill_at_a_step(
 
 
 @pytest.mark.parametrize(
-    "step", [2, 6], ids=lambda step: f"after-release-step-{step:02d}-{slug(RELEASE_NIC[step - 1])}"
+    "step", [1, 5], ids=lambda step: f"after-release-step-{step:02d}-{slug(RELEASE_NIC[step - 1])}"
 )
 def test_sigkill_while_a_released_lease_drains(
     private_bus: PrivateBus, tmp_path: Path, nobody: Clients, step: int

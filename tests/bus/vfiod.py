@@ -44,9 +44,10 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
 # What systemd does with one notice: the lines go to notices.log; FDSTORE=1
-# keeps the fds it carries under FDNAME (replacing), FDSTOREREMOVE=1 closes
-# them; the names in the store go to fdstore.json (whole, for the test
-# reading it). For the service managers below and tests/bus/test_faults.py.
+# adds every fd it carries under its FDNAME, FDSTOREREMOVE=1 closes every fd
+# of that name; the store's names, one per fd, go to fdstore.json (whole,
+# for the test reading it). For the service managers below and
+# tests/bus/test_faults.py.
 KEEP_NOTICE = """\
 def keep(data, fds, store, directory, listing=True):
     lines = data.decode().splitlines()
@@ -54,19 +55,19 @@ def keep(data, fds, store, directory, listing=True):
         notices.write("".join(line + "\\n" for line in lines))
     fields = dict(line.split("=", 1) for line in lines if "=" in line)
     name = fields.get("FDNAME", "stored")
-    if fields.get("FDSTORE") == "1" and fds:
-        if name in store:
-            os.close(store.pop(name))
-        store[name] = fds.pop()
-    if fields.get("FDSTOREREMOVE") == "1" and name in store:
-        os.close(store.pop(name))
+    if fields.get("FDSTORE") == "1":
+        store.setdefault(name, []).extend(fds)
+        fds = []
+    if fields.get("FDSTOREREMOVE") == "1":
+        for fd in store.pop(name, []):
+            os.close(fd)
     for fd in fds:
         os.close(fd)
     if not listing:
         return
     listing = os.path.join(directory, "fdstore.json")
     with open(listing + ".new", "w") as f:
-        json.dump(sorted(store), f)
+        json.dump(sorted(n for n, kept in store.items() for _ in kept), f)
     os.rename(listing + ".new", listing)
 
 """
@@ -201,7 +202,7 @@ class VfiodProcess:
 
     @property
     def fd_store(self) -> list[str]:
-        """The names of the fds in its fd store now."""
+        """The names of the fds in its fd store now, one per fd, sorted."""
         path = self.directory / "fdstore.json"
         return list(json.loads(path.read_text())) if path.exists() else []
 

@@ -9,7 +9,7 @@ import os
 import resource
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -624,24 +624,26 @@ def test_check_access_explains(world: World) -> None:
 
 
 class FakeFdStore:
-    """systemd's fd store: keeps a duplicate of each fd by name, passes
-    duplicates to the next process, closes its own when told to drop."""
+    """systemd's fd store: keeps a duplicate of each fd under its name, passes
+    duplicates to the next process (in reverse: systemd keeps no order),
+    closes its own when told to drop a name."""
 
     def __init__(self) -> None:
-        self.fds: dict[str, int] = {}
+        self.fds: dict[str, list[int]] = {}
+        self.messages = 0
 
-    def keep(self, name: str, fd: int) -> None:
-        assert name not in self.fds, f"{name} stored twice"
-        self.fds[name] = os.dup(fd)
+    def keep(self, name: str, fds: Sequence[int]) -> None:
+        self.messages += 1
+        self.fds.setdefault(name, []).extend(os.dup(fd) for fd in fds)
 
     def drop(self, name: str) -> None:
-        fd = self.fds.pop(name, None)
-        if fd is not None:
+        self.messages += 1
+        for fd in self.fds.pop(name, []):
             os.close(fd)
 
     def passed(self) -> dict[str, list[int]]:
         """What a restarted vfiod finds in LISTEN_FDS."""
-        return {name: [os.dup(fd)] for name, fd in self.fds.items()}
+        return {name: [os.dup(fd) for fd in reversed(fds)] for name, fds in self.fds.items()}
 
     def close(self) -> None:
         for name in list(self.fds):
@@ -678,7 +680,9 @@ def test_a_restart_with_the_fd_store_keeps_leases_active(tmp_path: Path) -> None
     try:
         grant = w.acquire()
         legacy_id = grant.lease.id
-        assert sorted(store.fds) == [f"{legacy_id}.container", f"{legacy_id}.group.10"]
+        # Its container and group, under its id, in one message.
+        assert [(name, len(fds)) for name, fds in store.fds.items()] == [(legacy_id, 2)]
+        assert store.messages == 1
         memfd = os.memfd_create("guest-ram")
         os.ftruncate(memfd, MiB)
         w.broker.map_dma(legacy_id, ALICE, memfd, 0, 64 << 10, 0)
@@ -721,9 +725,8 @@ def test_a_restart_with_stale_or_missing_fds_drains(tmp_path: Path) -> None:
         close_all(grant.fds)
         die(w.broker)
         passed = store.passed()
-        group_name = f"{grant.lease.id}.group.10"
-        os.close(passed.pop(group_name)[0])  # systemd lost one (FileDescriptorStoreMax)
-        passed["stranger.container"] = [os.dup(passed[f"{grant.lease.id}.container"][0])]
+        os.close(passed[grant.lease.id].pop())  # systemd lost one (FileDescriptorStoreMax)
+        passed["stranger"] = [os.dup(passed[grant.lease.id][0])]
         again = restarted(w, store)
         (lease,) = again.recover(passed)
         assert lease.state is LeaseState.FREE, "drained at once: nobody holds the group"

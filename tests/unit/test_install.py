@@ -59,7 +59,7 @@ def test_the_unit_names_the_bus_name_and_is_notify() -> None:
         "Type=notify",
         "BusName=org.vfiod1",
         "ExecReload=/bin/kill -HUP $MAINPID",
-        "FileDescriptorStoreMax=4096",
+        "FileDescriptorStoreMax=32768",
         "RuntimeDirectoryPreserve=yes",
         "Alias=dbus-org.vfiod1.service",
     ):

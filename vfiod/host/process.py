@@ -24,7 +24,9 @@ class OwnerProcess:
     uid: int  # real uid
 
 
-def _fdinfo_pid(pidfd: int, proc: str) -> int | None:
+def pidfd_pid(pidfd: int, proc: str = "/proc") -> int | None:
+    """The pid a pidfd names (-1 once it has exited, 0 outside our pid
+    namespace), from its fdinfo; None when ``pidfd`` is no pidfd."""
     try:
         with open(os.path.join(proc, "self/fdinfo", str(pidfd))) as f:
             for line in f:
@@ -57,7 +59,7 @@ def exited(pidfd: int) -> bool:
 def owner_process(pidfd: int, proc: str = "/proc") -> OwnerProcess:
     """The live process behind ``pidfd`` and its real uid, or a HostError that
     says what was wrong with the fd."""
-    pid = _fdinfo_pid(pidfd, proc)
+    pid = pidfd_pid(pidfd, proc)
     if pid is None:
         raise HostError(
             errno.EBADF,

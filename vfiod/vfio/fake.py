@@ -37,7 +37,7 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from vfiod.pci import PciAddress
@@ -861,6 +861,11 @@ class FakeKernel:
                 file.fds.discard(fd)
                 if not file.fds:
                     self._drop_if_unreferenced(file)
+
+    @_syscall
+    def node_of(self, fd: int, nodes: Collection[str]) -> str:
+        file = self._file_or_foreign(fd)
+        return file.node if file is not None and file.node in nodes else ""
 
     def _region(self, device: _Device, index: int) -> RegionInfo:
         if not 0 <= index < _NUM_REGIONS:

@@ -9,6 +9,7 @@ errno; the object layer adds what was being done to what.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -16,6 +17,8 @@ import errno
 import fcntl
 import mmap
 import os
+import stat
+from collections.abc import Collection
 from typing import Protocol
 
 from vfiod.vfio import abi
@@ -73,6 +76,8 @@ class Kernel(Protocol):
     # files and memory
     def open(self, path: str, flags: int) -> int: ...
     def close(self, fd: int) -> None: ...
+    # which of ``nodes`` (paths of character devices) ``fd`` is open on; "" if none
+    def node_of(self, fd: int, nodes: Collection[str]) -> str: ...
     def pread(self, fd: int, size: int, offset: int) -> bytes: ...
     def pwrite(self, fd: int, data: bytes, offset: int) -> int: ...
     def mmap_shared(self, fd: int, size: int, offset: int) -> int: ...
@@ -195,6 +200,19 @@ class LinuxKernel:
 
     def close(self, fd: int) -> None:
         os.close(fd)
+
+    def node_of(self, fd: int, nodes: Collection[str]) -> str:
+        # By device number, not by /proc/self/fd's link: an fd opened in a
+        # mount namespace that is gone (vfiod's before a restart under
+        # ProtectSystem=) reads as "/vfio/7", relative to its dead mount.
+        st = os.fstat(fd)
+        if not stat.S_ISCHR(st.st_mode):
+            return ""
+        for node in nodes:
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(node).st_rdev == st.st_rdev:
+                    return node
+        return ""
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         return os.pread(fd, size, offset)

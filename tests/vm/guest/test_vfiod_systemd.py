@@ -166,12 +166,18 @@ def test_the_installed_vfiod_is_what_runs(ns: SystemdNamespace) -> None:
     assert str(Path(__file__).resolve().parents[3]) not in maps, "vfiod runs from the checkout"
 
 
+def vfiod_said(ns: SystemdNamespace, lines: int = 20) -> str:
+    """The last lines of vfiod's journal, for a failing assertion to show."""
+    entries = ns.journal("_SYSTEMD_UNIT=vfiod.service")[-lines:]
+    return "vfiod said:\n" + "\n".join(str(e["MESSAGE"]) for e in entries)
+
+
 def test_restart_keeps_the_lease(ns: SystemdNamespace) -> None:
     (before,) = leases(ns)
     pid = ns.main_pid("vfiod.service")
     ns.systemctl("restart", "vfiod.service", timeout=150)
     assert ns.main_pid("vfiod.service") != pid
-    assert leases(ns) == [before]
+    assert leases(ns) == [before], vfiod_said(ns)
     assert driver(E1000E) == "vfio-pci"
     entries = ns.journal("_SYSTEMD_UNIT=vfiod.service")
     assert any("re-adopted with its fds after a restart" in e["MESSAGE"] for e in entries)
@@ -187,7 +193,7 @@ def test_kill_9_and_restart_keep_the_lease(ns: SystemdNamespace) -> None:
         where=lambda p: int(p["NRestarts"]) == restarts + 1 and int(p["MainPID"]) != pid,
         timeout=150,
     )
-    assert leases(ns) == [before]
+    assert leases(ns) == [before], vfiod_said(ns)
     assert driver(E1000E) == "vfio-pci"
 
 
@@ -300,8 +306,7 @@ def test_units_and_slices_count_only_when_systemd_vouches(ns: SystemdNamespace, 
 
         genuine_unit = in_unit(ns, ["--unit=dpdk-forwarder.service"])
         say(f"[vfiod-systemd] genuine unit: {genuine_unit}")
-        vfiod_log = "\n".join(e["MESSAGE"] for e in ns.journal("_SYSTEMD_UNIT=vfiod.service")[-20:])
-        assert genuine_unit["allowed"] is True, f"{genuine_unit}\nvfiod said:\n{vfiod_log}"
+        assert genuine_unit["allowed"] is True, f"{genuine_unit}\n{vfiod_said(ns)}"
         assert genuine_unit["unit"] == "dpdk-forwarder.service"
         genuine_slice = in_unit(ns, ["--slice=machine.slice", "--unit=vm-1.service"])
         assert str(genuine_slice["cgroup"]).endswith("/machine.slice/vm-1.service")
