@@ -32,6 +32,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vfiod"
 DISK_SIZE = 64 << 20
 BOOT_TIMEOUT = 900  # seconds for boot plus all guest tests of one boot, under TCG
+GUEST_TEST_STUCK = 240  # seconds one guest test may take before its stacks are printed
 # What `make install` is staged from, and where the staged trees are kept
 # (one per state of the sources): the systemd tests run vfiod as installed.
 INSTALLED_FROM = ("vfiod", "systemd", "dbus", "policy", "Makefile", "setup.cfg", "pyproject.toml")
@@ -400,6 +401,8 @@ def guest_command(boot: Boot, results: Path, installed: Path | None = None) -> s
         "no:cacheprovider",  # the root file system is read-only in the guest,
         "-p",
         "no:hypothesispytest",  # so are the caches of both
+        "-o",  # a test stuck this long prints where, before the boot's time runs out
+        f"faulthandler_timeout={GUEST_TEST_STUCK}",
         "-v",
         "--junitxml",
         str(results / "junit.xml"),

@@ -638,17 +638,38 @@ class SystemdNamespace:
         env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run `argv` in every namespace of systemd (and its root), as root.
-        With `check`, a non-zero exit raises SystemdNamespaceError."""
-        result = subprocess.run(
+        With `check`, a non-zero exit raises SystemdNamespaceError; so does
+        running past `timeout`, whatever still holds the output pipes (a
+        `systemd-run --pipe` service does: killing the command alone would
+        leave the wait for its output unbounded)."""
+        process = subprocess.Popen(
             [*NSENTER, f"--target={self.pid}", "--", *argv],
-            input=input,
-            capture_output=True,
+            stdin=subprocess.PIPE if input is not None else None,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             errors="replace",
-            check=False,
-            timeout=timeout,
             env={**COMMAND_ENV, **(env or {})},
+            start_new_session=True,
         )
+        try:
+            stdout, stderr = process.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            try:
+                stdout, stderr = process.communicate(timeout=5)
+            except subprocess.TimeoutExpired:  # held open outside the process group
+                stdout, stderr = "", "(output pipes still held open by another process)"
+                for pipe in (process.stdout, process.stderr):
+                    if pipe is not None:
+                        pipe.close()
+                process.wait()
+            raise self._error(
+                f"{shlex.join(argv)} did not finish within {timeout:g} s\n"
+                f"--- stdout\n{stdout}--- stderr\n{stderr}"
+            ) from None
+        result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
         if check and result.returncode != 0:
             raise self._error(
                 f"{shlex.join(argv)} exited with {result.returncode}\n"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.vm.harness import INSTALL_PREFIX
-from tests.vm.systemd_ns import SystemdNamespace
+from tests.vm.systemd_ns import SystemdNamespace, SystemdNamespaceError
 from tests.vm.topology import E1000E
 from vfiod.broker import MESSAGE_GRANTED, MESSAGE_REVOKED
 
@@ -259,7 +259,7 @@ cgroup = open("/proc/self/cgroup").read().split("::", 1)[1].strip()
 vfiod = Client()
 check = vfiod.check_access([sys.argv[1]], managed=True)[0]
 try:
-    lease = vfiod.acquire([sys.argv[1]], managed=True, label="unit-test")
+    lease = vfiod.acquire([sys.argv[1]], managed=True, label="unit-test", timeout=90)
 except VfiodError as e:
     out = {"error": [e.kind, e.message]}
 else:
@@ -278,9 +278,13 @@ def in_unit(
     """ASK_IN_UNIT as nobody in a transient unit of the namespace's systemd,
     with the installed vfiod's interpreter."""
     argv = ["systemd-run", "--quiet", "--wait", "--pipe", f"--uid={NOBODY}", f"--gid={NOBODY}"]
-    argv += [*run_options, *(["-p", "Delegate=yes"] if delegate else [])]
+    # systemd ends the unit if it outlives its time: its stdio are ours (--pipe).
+    argv += [*run_options, "-p", "RuntimeMaxSec=150", *(["-p", "Delegate=yes"] if delegate else [])]
     argv += ["--", PYTHON, "-c", ASK_IN_UNIT, E1000E, *spoof]
-    result = ns.run(argv, timeout=180)
+    try:
+        result = ns.run(argv, timeout=180)
+    except SystemdNamespaceError as e:
+        raise AssertionError(f"{e}\n{vfiod_said(ns, 60)}") from None
     out = json.loads(result.stdout.splitlines()[-1])
     assert isinstance(out, dict)
     return out
