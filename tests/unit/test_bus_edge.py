@@ -1,6 +1,6 @@
 """The bus layer: broker errors are answered as they are, anything else
 becomes a logged bug with a generic message (no traceback crosses the bus);
-what vfiod.bus.checked relies on in sdbus, and how it finds the fds in a
+what vfiod.bus.checked and vfiod.bus.subtree rely on in sdbus, and how it finds the fds in a
 call's arguments."""
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sdbus
 from sdbus import DbusInterfaceCommonAsync
 from sdbus.dbus_proxy_async_method import DbusLocalMethodAsync, DbusMethodAsync
-from sdbus.sd_bus_internals import SdBusMessage
+from sdbus.sd_bus_internals import SdBus, SdBusMessage
 
-from vfiod.bus import checked
+from vfiod.bus import checked, subtree
 from vfiod.bus.checked import (
     MESSAGE_POINTER_OFFSET,
     SDBUS_VERSIONS,
@@ -169,3 +170,31 @@ def test_received_fds_are_found_wherever_they_sit(
     signature: str, args: tuple[Any, ...], fds: list[int]
 ) -> None:
     assert sorted(received_fds(signature, args)) == fds
+
+
+# -- what vfiod.bus.subtree relies on in sd-bus and sdbus
+
+
+def test_the_vtable_layout_is_sd_bus_vtable() -> None:
+    """struct sd_bus_vtable (sd-bus-vtable.h, systemd >= 243): a word of type
+    and flags, then a union of which the method member is the largest."""
+    pointer = ctypes.sizeof(ctypes.c_void_p)
+    assert ctypes.sizeof(subtree.VtableEntry) == 8 + 6 * pointer
+    assert subtree.VtableEntry.x.offset == 8
+    assert subtree._Property.get.offset == 2 * pointer
+    assert subtree._Start.vtable_format_reference.offset == 16
+    assert (subtree.VTABLE_START, subtree.VTABLE_END, subtree.VTABLE_PROPERTY) == (60, 62, 80)
+
+
+def test_sdbus_flags_are_sd_bus_vtable_flags() -> None:
+    """The flags of the interface classes go into the vtable as they are."""
+    assert sdbus.DbusDeprecatedFlag == 1 << 0
+    assert sdbus.DbusHiddenFlag == 1 << 1
+    assert sdbus.DbusPropertyConstFlag == 1 << 4
+    assert sdbus.DbusPropertyEmitsChangeFlag == 1 << 5
+
+
+def test_the_installed_sdbus_is_one_subtree_supports() -> None:
+    assert SdBus.__basicsize__ == subtree.BUS_OBJECT_SIZE
+    calls = subtree._sd_bus()
+    assert ctypes.c_uint.from_address(calls.format).value == subtree.VTABLE_FORMAT

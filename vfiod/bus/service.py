@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 from sdbus import get_current_message, map_exception_to_dbus_error
 from sdbus.dbus_proxy_async_interface_base import DbusExportHandle
-from sdbus.dbus_proxy_async_property import DbusPropertyAsync
 from sdbus.sd_bus_internals import SdBus
 
 from vfiod import __version__
@@ -28,7 +27,8 @@ from vfiod.broker import Backend, Broker, Lease, LeaseChange, Moving
 from vfiod.bus.checked import set_destination
 from vfiod.bus.credentials import Callers
 from vfiod.bus.interfaces import (
-    CHANGES,
+    DEVICE_PREFIX,
+    GROUP_PREFIX,
     LEASE_PREFIX,
     MANAGER_PATH,
     NO_OBJECT,
@@ -44,6 +44,7 @@ from vfiod.bus.interfaces import (
     group_path,
     lease_path,
 )
+from vfiod.bus.subtree import Subtree
 from vfiod.bus.wire import Variants, acquire_options, map_options
 from vfiod.errors import ALL_ERRORS, BrokerError, InvalidArgument, PermissionDenied, PolicyInvalid
 from vfiod.host.inventory import Inventory, IommuGroup, PciDevice
@@ -106,21 +107,10 @@ def register_errors() -> None:
 
 
 @functools.cache
-def _changing_properties(cls: type) -> tuple[DbusPropertyAsync[Any], ...]:
-    """The properties of ``cls`` that emit PropertiesChanged (found once per
-    class, not by walking its MRO on every sync)."""
-    found: dict[str, DbusPropertyAsync[Any]] = {}
-    for klass in reversed(cls.__mro__):
-        for member in vars(klass).values():
-            if isinstance(member, DbusPropertyAsync) and member.flags & CHANGES:
-                found[member.property_name] = member
-    return tuple(found.values())
-
-
 class _Exported:
-    """One exported object and its export handle."""
+    """One exported lease object and its export handle."""
 
-    def __init__(self, obj: DeviceInterface | GroupInterface | LeaseInterface, path: str) -> None:
+    def __init__(self, obj: LeaseInterface, path: str) -> None:
         self.obj = obj
         self.path = path
         self.handle: DbusExportHandle | None = None
@@ -137,8 +127,12 @@ class BusService:
         self.backends = tuple(b.value for b in Backend)
         self.manager = Manager(self)
         self._manager_handle: DbusExportHandle | None = None
-        self.devices: dict[PciAddress, _Exported] = {}
-        self.groups: dict[str, _Exported] = {}
+        # Devices and groups are served from one vtable each (see
+        # vfiod.bus.subtree: thousands of them); leases, with methods, by sdbus.
+        self.device_tree: Subtree | None = None
+        self.group_tree: Subtree | None = None
+        self.devices: dict[PciAddress, str] = {}  # their object paths
+        self.groups: dict[str, str] = {}
         self.leases: dict[str, _Exported] = {}
         # Ended leases being freed, by id: Release and ReloadPolicy wait on these.
         self._settling: dict[str, asyncio.Task[None]] = {}
@@ -167,6 +161,8 @@ class BusService:
         """Export the Manager and every device and group (before the name is
         owned: nobody is listening, so no InterfacesAdded)."""
         self._manager_handle = self.manager.export_to_dbus(MANAGER_PATH, self.bus)
+        self.device_tree = Subtree(self.bus, DEVICE_PREFIX.rstrip("/"), DeviceInterface)
+        self.group_tree = Subtree(self.bus, GROUP_PREFIX.rstrip("/"), GroupInterface)
         inventory = self.broker.host.inventory
         for device in inventory.devices.values():
             self._sync_device(device.address, announce=False)
@@ -179,10 +175,13 @@ class BusService:
     def close(self) -> None:
         for task in self._settling.values():
             task.cancel()
-        exports = [*self._unexport_after.values(), *self.leases.values()]
-        for exported in [*exports, *self.groups.values(), *self.devices.values()]:
+        for exported in [*self._unexport_after.values(), *self.leases.values()]:
             if exported.handle is not None:
                 exported.handle.stop()
+        for tree in (self.device_tree, self.group_tree):
+            if tree is not None:
+                tree.close()
+        self.device_tree = self.group_tree = None
         self.devices.clear()
         self.groups.clear()
         self.leases.clear()
@@ -221,24 +220,6 @@ class BusService:
                 if waiting is not None:  # the reply goes out as this call returns
                     asyncio.get_running_loop().call_soon(self._stop, waiting)
 
-    @staticmethod
-    def _update(exported: _Exported, view: Any) -> None:
-        """Set the object's new view; emit PropertiesChanged for what changed."""
-        obj = exported.obj
-        if obj.view == view:  # most syncs change nothing: no getter runs
-            return
-        members = _changing_properties(type(obj))
-        before = {m.property_name: m.property_getter(obj) for m in members}
-        obj.view = view
-        changed = {}
-        for member in members:
-            value = member.property_getter(obj)
-            if value != before[member.property_name]:
-                changed[member.property_name] = (member.property_signature, value)
-        if changed:
-            interface = members[0].interface_name
-            obj.properties_changed.emit((interface, changed, []))
-
     def _device_view(self, device: PciDevice) -> DeviceView:
         inventory = self.broker.host.inventory
         group = inventory.groups.get(device.group) if device.group is not None else None
@@ -271,36 +252,41 @@ class BusService:
             lease=lease_path(lease.id) if lease is not None else NO_OBJECT,
         )
 
+    def _trees(self) -> tuple[Subtree, Subtree]:
+        if self.device_tree is None or self.group_tree is None:
+            raise RuntimeError("the service is not exported")
+        return self.device_tree, self.group_tree
+
     def _sync_device(self, address: PciAddress, *, announce: bool = True) -> None:
+        tree, _ = self._trees()
         device = self.broker.host.inventory.devices.get(address)
-        exported = self.devices.get(address)
+        path = self.devices.get(address)
         if device is None:
-            if exported is not None:
-                self._unexport(self.devices.pop(address))
+            if path is not None:
+                tree.remove(self.devices.pop(address))
             return
         view = self._device_view(device)
-        if exported is None:
-            exported = _Exported(DeviceInterface(view), device_path(str(address)))
-            self.devices[address] = exported
-            self._export(exported, announce)
+        if path is None:
+            path = self.devices[address] = device_path(str(address))
+            tree.add(path, view, announce=announce)
         else:
-            self._update(exported, view)
+            tree.update(path, view)
 
     def _sync_group(self, group_id: str, *, announce: bool = True) -> None:
+        _, tree = self._trees()
         group = self.broker.host.inventory.groups.get(group_id)
-        exported = self.groups.get(group_id)
-        if exported is not None and (group is None or exported.path != group_path(group.node_name)):
-            self._unexport(self.groups.pop(group_id))
-            exported = None
+        path = self.groups.get(group_id)
+        if path is not None and (group is None or path != group_path(group.node_name)):
+            tree.remove(self.groups.pop(group_id))
+            path = None
         if group is None:
             return
         view = self._group_view(group)
-        if exported is None:
-            exported = _Exported(GroupInterface(view), group_path(group.node_name))
-            self.groups[group_id] = exported
-            self._export(exported, announce)
+        if path is None:
+            path = self.groups[group_id] = group_path(group.node_name)
+            tree.add(path, view, announce=announce)
         else:
-            self._update(exported, view)
+            tree.update(path, view)
 
     def _sync(self, addresses: Iterable[PciAddress], group_ids: Iterable[str] = ()) -> None:
         inventory = self.broker.host.inventory
@@ -345,10 +331,11 @@ class BusService:
     def on_host_event(self, event: HostEvent) -> None:
         path = device_path(str(event.address))
         # The groups it was in, as exported, and (in _sync) the one it is in now.
+        _, groups = self._trees()
         was_in = [
             group_id
-            for group_id, exported in self.groups.items()
-            if isinstance(exported.obj, GroupInterface) and path in exported.obj.view.devices
+            for group_id, group in self.groups.items()
+            if path in groups.view(group).devices
         ]
         self._sync([event.address], was_in)
 
@@ -375,7 +362,6 @@ class BusService:
         elif change is LeaseChange.ENDED:
             exported = self.leases.get(lease.id)
             if exported is not None and lease.revoked:
-                assert isinstance(exported.obj, LeaseInterface)
                 exported.obj.revoked.emit(lease.end_reason)
             if lease.id in self.broker.leases and lease.id not in self._settling:
                 # Still draining: free it soon.
