@@ -117,37 +117,36 @@ class _SdBus:
     def __init__(self) -> None:
         lib = ctypes.CDLL(sd_bus_internals.__file__)
         message, text = ctypes.c_void_p, ctypes.c_char_p
-        self.skip = self._function(lib, "sd_bus_message_skip", message, text)
-        self.rewind = self._function(lib, "sd_bus_message_rewind", message, ctypes.c_int)
-        self.enter = self._function(
-            lib, "sd_bus_message_enter_container", message, ctypes.c_char, text
-        )
-        self.exit = self._function(lib, "sd_bus_message_exit_container", message)
-        self.peek = self._function(
+        self.skip = c_function(lib, "sd_bus_message_skip", message, text)
+        self.rewind = c_function(lib, "sd_bus_message_rewind", message, ctypes.c_int)
+        self.enter = c_function(lib, "sd_bus_message_enter_container", message, ctypes.c_char, text)
+        self.exit = c_function(lib, "sd_bus_message_exit_container", message)
+        self.peek = c_function(
             lib,
             "sd_bus_message_peek_type",
             message,
             ctypes.POINTER(ctypes.c_char),
             ctypes.POINTER(ctypes.c_char_p),
         )
-        self.read_basic = self._function(
+        self.read_basic = c_function(
             lib, "sd_bus_message_read_basic", message, ctypes.c_char, ctypes.c_void_p
         )
-        self.get_member = self._function(lib, "sd_bus_message_get_member", message)
-        self.get_member.restype = ctypes.c_char_p
-        self.get_signature = self._function(
-            lib, "sd_bus_message_get_signature", message, ctypes.c_int
+        self.get_member = c_function(
+            lib, "sd_bus_message_get_member", message, restype=ctypes.c_char_p
         )
-        self.get_signature.restype = ctypes.c_char_p
+        self.get_signature = c_function(
+            lib, "sd_bus_message_get_signature", message, ctypes.c_int, restype=ctypes.c_char_p
+        )
         # (sdbus's own SdBusMessage.destination cannot be set.)
-        self.set_destination = self._function(lib, "sd_bus_message_set_destination", message, text)
+        self.set_destination = c_function(lib, "sd_bus_message_set_destination", message, text)
 
-    @staticmethod
-    def _function(lib: ctypes.CDLL, name: str, *argtypes: Any) -> Any:
-        function = getattr(lib, name)
-        function.argtypes = argtypes
-        function.restype = ctypes.c_int
-        return function
+
+def c_function(lib: ctypes.CDLL, name: str, *argtypes: Any, restype: Any = ctypes.c_int) -> Any:
+    """``name`` of ``lib``, typed (sd-bus's functions answer an int, < 0 an errno)."""
+    function = getattr(lib, name)
+    function.argtypes = argtypes
+    function.restype = restype
+    return function
 
 
 @functools.cache

@@ -131,8 +131,7 @@ class BusService:
         # vfiod.bus.subtree: thousands of them); leases, with methods, by sdbus.
         self.device_tree: Subtree | None = None
         self.group_tree: Subtree | None = None
-        self.devices: dict[PciAddress, str] = {}  # their object paths
-        self.groups: dict[str, str] = {}
+        self.groups: dict[str, str] = {}  # their object paths, by group id
         self.leases: dict[str, _Exported] = {}
         # Ended leases being freed, by id: Release and ReloadPolicy wait on these.
         self._settling: dict[str, asyncio.Task[None]] = {}
@@ -182,7 +181,6 @@ class BusService:
             if tree is not None:
                 tree.close()
         self.device_tree = self.group_tree = None
-        self.devices.clear()
         self.groups.clear()
         self.leases.clear()
         self._unexport_after.clear()
@@ -260,17 +258,13 @@ class BusService:
     def _sync_device(self, address: PciAddress, *, announce: bool = True) -> None:
         tree, _ = self._trees()
         device = self.broker.host.inventory.devices.get(address)
-        path = self.devices.get(address)
+        path = device_path(str(address))
         if device is None:
-            if path is not None:
-                tree.remove(self.devices.pop(address))
-            return
-        view = self._device_view(device)
-        if path is None:
-            path = self.devices[address] = device_path(str(address))
-            tree.add(path, view, announce=announce)
+            tree.remove(path)
+        elif path in tree:
+            tree.update(path, self._device_view(device))
         else:
-            tree.update(path, view)
+            tree.add(path, self._device_view(device), announce=announce)
 
     def _sync_group(self, group_id: str, *, announce: bool = True) -> None:
         _, tree = self._trees()

@@ -32,7 +32,7 @@ import errno
 import functools
 import logging
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from sdbus import DbusPropertyEmitsChangeFlag, sd_bus_internals
@@ -41,7 +41,13 @@ from sdbus.dbus_proxy_async_property import DbusPropertyAsync
 from sdbus.dbus_proxy_async_signal import DbusSignalAsync
 from sdbus.sd_bus_internals import SdBus, SdBusMessage
 
-from vfiod.bus.checked import MESSAGE_POINTER_OFFSET, UnsupportedSdbusError, message_pointer, sd_bus
+from vfiod.bus.checked import (
+    MESSAGE_POINTER_OFFSET,
+    UnsupportedSdbusError,
+    c_function,
+    message_pointer,
+    sd_bus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +130,7 @@ class _SdBusObjects:
         pointer, text = ctypes.c_void_p, ctypes.c_char_p
         slot_out = ctypes.POINTER(ctypes.c_void_p)
         self.format = ctypes.addressof(ctypes.c_uint.in_dll(lib, "sd_bus_object_vtable_format"))
-        self.add_fallback_vtable = _function(
+        self.add_fallback_vtable = c_function(
             lib,
             "sd_bus_add_fallback_vtable",
             pointer,
@@ -135,28 +141,17 @@ class _SdBusObjects:
             _FIND,
             pointer,
         )
-        self.add_node_enumerator = _function(
+        self.add_node_enumerator = c_function(
             lib, "sd_bus_add_node_enumerator", pointer, slot_out, text, _ENUMERATE, pointer
         )
-        self.emit_properties_changed = _function(
+        self.emit_properties_changed = c_function(
             lib, "sd_bus_emit_properties_changed_strv", pointer, text, text, pointer
         )
-        self.slot_unref = lib.sd_bus_slot_unref
-        self.slot_unref.argtypes, self.slot_unref.restype = (pointer,), pointer
-        self.message_get_bus = lib.sd_bus_message_get_bus
-        self.message_get_bus.argtypes, self.message_get_bus.restype = (pointer,), pointer
+        self.slot_unref = c_function(lib, "sd_bus_slot_unref", pointer, restype=pointer)
+        self.message_get_bus = c_function(lib, "sd_bus_message_get_bus", pointer, restype=pointer)
         libc = ctypes.CDLL(None)
-        self.malloc = libc.malloc
-        self.malloc.argtypes, self.malloc.restype = (ctypes.c_size_t,), pointer
-        self.strdup = libc.strdup
-        self.strdup.argtypes, self.strdup.restype = (text,), pointer
-
-
-def _function(lib: ctypes.PyDLL, name: str, *argtypes: Any) -> Any:
-    function = getattr(lib, name)
-    function.argtypes = argtypes
-    function.restype = ctypes.c_int
-    return function
+        self.malloc = c_function(libc, "malloc", ctypes.c_size_t, restype=pointer)
+        self.strdup = c_function(libc, "strdup", text, restype=pointer)
 
 
 @functools.cache
@@ -296,9 +291,6 @@ class Subtree:
     def view(self, path: str) -> Any:
         """The view served at ``path`` (KeyError if none)."""
         return self._objects[path.encode()].view
-
-    def views(self) -> Iterable[Any]:
-        return (viewed.view for viewed in self._objects.values())
 
     def add(self, path: str, view: Any, *, announce: bool = True) -> None:
         """Serve ``view`` at ``path`` (a new object: InterfacesAdded, unless
