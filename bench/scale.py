@@ -15,11 +15,14 @@ baseline: the interpreter, the imports, the bus).
   test harness's: the fake host writes the policy file last, and its
   modification time splits the start into "spawn to fake host built" and
   "fake host built to READY" (vfiod's own start, but for the interpreter
-  and the imports, which the small host's whole start shows).
+  and the imports, which the small host's whole start shows). The start
+  "on a host", which the targets judge, is the baseline's spawn to fake
+  host built (the interpreter and the imports) plus vfiod's own start.
 - GetManagedObjects, as a client (uid 65534, its own process): the round
   trip until the reply is in, first call and p50 of the rest; decoding the
-  reply into Python values (sdbus) and the project client's
-  ``inventory()`` are client-side costs, printed beside it.
+  reply into Python values (sdbus) is a client-side cost, printed beside
+  it. The project client's ``inventory()`` (Manager.GetInventory, decoded
+  into its dataclasses), first call and p50 of the rest.
 - memory: the daemon's VmRSS after the calls, and its peak (VmHWM).
 - growth: each figure per 1,000 devices between one host and the next
   (flat when the cost is linear).
@@ -101,14 +104,16 @@ for _ in range(calls):
     decoded = clock()
     round_trips.append(received - start)
     decodes.append(decoded - received)
-start = clock()
-inventory = vfiod.inventory()
-inventory_s = clock() - start
+inventories = []
+for _ in range(calls):
+    start = clock()
+    inventory = vfiod.inventory()
+    inventories.append(clock() - start)
 say({
     "round_trips": round_trips,
     "decodes": decodes,
     "objects": objects,
-    "inventory_s": inventory_s,
+    "inventories": inventories,
     "devices": len(inventory.devices),
     "groups": len(inventory.groups),
 })
@@ -126,7 +131,7 @@ class HostFigures:
     harness_s: float  # run_vfiod() entered to READY=1 seen by the harness
     round_trips: list[float]  # GetManagedObjects, first call first
     decodes: list[float]
-    inventory_s: float
+    inventories: list[float]  # Client.inventory(), first call first
     ready_rss: int  # VmRSS at READY=1
     rss: int  # VmRSS after the calls
     peak_rss: int  # VmHWM after the calls
@@ -146,6 +151,10 @@ class HostFigures:
     @property
     def decode_p50(self) -> float:
         return statistics.median(self.decodes)
+
+    @property
+    def inventory_p50(self) -> float:
+        return statistics.median(self.inventories[1:] or self.inventories)
 
 
 def measure(devices: int, calls: int) -> HostFigures:
@@ -171,7 +180,7 @@ def measure(devices: int, calls: int) -> HostFigures:
         harness_s=seen - entered,
         round_trips=[float(t) for t in result["round_trips"]],
         decodes=[float(t) for t in result["decodes"]],
-        inventory_s=float(result["inventory_s"]),
+        inventories=[float(t) for t in result["inventories"]],
         ready_rss=ready_rss,
         rss=rss["VmRSS"],
         peak_rss=rss["VmHWM"],
@@ -349,6 +358,12 @@ def _devices_report(f: Figures) -> str:
             cells.append(f"{per * scale:>9.{digits}f}")
         return f"  {label + (f' ({unit})' if unit else ''):<46}" + "".join(cells)
 
+    def host_start(h: HostFigures) -> float:
+        # What a real host's start would be: the interpreter and the imports
+        # (the baseline's spawn -> built: its fake host is two devices), then
+        # vfiod's own part; the fake host's build is the harness's.
+        return base.built_s + h.vfiod_start_s
+
     header = "".join(f"{h.devices:>9}" for h in (base, *hosts))
     lines = [
         f"scale, devices: vfiod on fake hosts (two functions per IOMMU group); "
@@ -359,25 +374,27 @@ def _devices_report(f: Figures) -> str:
         row("  spawn -> fake host built (harness)", lambda h: h.built_s, "s"),
         row("  fake host built -> READY=1 (vfiod)", lambda h: h.vfiod_start_s, "s"),
         row("  the daemon's log: ready ... after start", lambda h: h.logged_start_s, "s"),
+        row("start on a host (without the fake host's build)", host_start, "s"),
         row("GetManagedObjects, first call", lambda h: h.first_call, "ms"),
         row("GetManagedObjects, p50 of the rest", lambda h: h.call_p50, "ms"),
         row("  client decoding the reply (sdbus), p50", lambda h: h.decode_p50, "ms"),
-        row("  client Client.inventory(), all of it", lambda h: h.inventory_s, "ms"),
+        row("Client.inventory() (GetInventory), first call", lambda h: h.inventories[0], "ms"),
+        row("Client.inventory(), p50 of the rest", lambda h: h.inventory_p50, "ms"),
         row("daemon VmRSS at READY=1", lambda h: h.ready_rss, "MB"),
         row("daemon VmRSS after the calls", lambda h: h.rss, "MB"),
         row("daemon VmHWM (peak RSS)", lambda h: h.peak_rss, "MB"),
         "  growth per 1,000 devices, from the host before:",
         growth("  vfiod's start", lambda h: h.vfiod_start_s, "s"),
         growth("  GetManagedObjects p50", lambda h: h.call_p50, "ms"),
-        growth("  Client.inventory()", lambda h: h.inventory_s, "ms"),
+        growth("  Client.inventory() p50", lambda h: h.inventory_p50, "ms"),
         growth("  VmRSS after the calls", lambda h: h.rss, "MB"),
     ]
     for devices, target in sorted(TARGET_START.items()):
         h = f.host(devices)
         if h is not None:
             lines.append(
-                f"  target: start at {devices} devices <= {target:g} s: "
-                f"{h.start_s:.2f} s, {_verdict(h.start_s <= target)}"
+                f"  target: start at {devices} devices <= {target:g} s (on a host): "
+                f"{host_start(h):.2f} s, {_verdict(host_start(h) <= target)}"
             )
     for devices, rss in sorted(TARGET_RSS.items()):
         h = f.host(devices)
@@ -394,7 +411,7 @@ def _devices_report(f: Figures) -> str:
         )
         lines.append(
             f"  target: Client.inventory() at 4096 devices <= {TARGET_INVENTORY * 1e3:g} ms: "
-            f"{h.inventory_s * 1e3:.1f} ms, {_verdict(h.inventory_s <= TARGET_INVENTORY)}"
+            f"{h.inventory_p50 * 1e3:.1f} ms, {_verdict(h.inventory_p50 <= TARGET_INVENTORY)}"
         )
     return "\n".join(lines)
 

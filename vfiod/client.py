@@ -39,10 +39,7 @@ from vfiod.errors import BrokerError
 BUS_NAME = "org.vfiod1"
 MANAGER_PATH = "/org/vfiod1"
 MANAGER = "org.vfiod1.Manager"
-DEVICE = "org.vfiod1.Device"
-GROUP = "org.vfiod1.Group"
 LEASE = "org.vfiod1.Lease"
-OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 ERROR_PREFIX = "org.vfiod1.Error."
 NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
@@ -331,49 +328,22 @@ def _unwrap(properties: Mapping[str, tuple[str, Any]]) -> dict[str, Any]:
     return {name: value for name, (_sig, value) in properties.items()}
 
 
-def _device(path: str, p: Mapping[str, Any]) -> DeviceInfo:
-    return DeviceInfo(
-        path=path,
-        address=p["Address"],
-        vendor=p["Vendor"],
-        device=p["Device"],
-        subsystem_vendor=p["SubsystemVendor"],
-        subsystem_device=p["SubsystemDevice"],
-        pci_class=p["Class"],
-        description=p["Description"],
-        driver=p["Driver"],
-        original_driver=p["OriginalDriver"],
-        group=p["Group"],
-        noiommu=p["NoIommu"],
-        host_critical=tuple(p["HostCritical"]),
-        lease=p["Lease"],
-        reset_methods=tuple(p["ResetMethods"]),
+def _lease_details(d: Mapping[str, Any]) -> LeaseDetails | None:
+    """A lease's details, as vfiod tells them (GetLeaseDetails, or a
+    GetInventory row's a{sv}); None where they are not yours to see."""
+    if "Owner" not in d:
+        return None
+    return LeaseDetails(
+        owner=d["Owner"],
+        pid=d["Pid"],
+        owner_pid=d["OwnerPid"],
+        unit=d["Unit"],
+        label=d["Label"],
+        state=d["State"],
     )
 
 
-def _group(path: str, p: Mapping[str, Any]) -> GroupInfo:
-    return GroupInfo(
-        path=path,
-        id=p["Id"],
-        devices=tuple(p["Devices"]),
-        viable=p["Viable"],
-        blockers=tuple((a, r) for a, r in p["Blockers"]),
-        noiommu=p["NoIommu"],
-        lease=p["Lease"],
-    )
-
-
-def _lease_info(path: str, p: Mapping[str, Any], d: Mapping[str, Any] | None) -> LeaseInfo:
-    details = None
-    if d is not None:
-        details = LeaseDetails(
-            owner=d["Owner"],
-            pid=d["Pid"],
-            owner_pid=d["OwnerPid"],
-            unit=d["Unit"],
-            label=d["Label"],
-            state=d["State"],
-        )
+def _lease_info(path: str, p: Mapping[str, Any], details: LeaseDetails | None) -> LeaseInfo:
     return LeaseInfo(
         path=path,
         uid=p["Uid"],
@@ -386,33 +356,44 @@ def _lease_info(path: str, p: Mapping[str, Any], d: Mapping[str, Any] | None) ->
     )
 
 
-Objects = Mapping[str, Mapping[str, Mapping[str, tuple[str, Any]]]]
 Details = Mapping[str, Mapping[str, tuple[str, Any]]]
-
-
-def _lease_paths(objects: Objects) -> list[str]:
-    return [path for path, interfaces in objects.items() if LEASE in interfaces]
 
 
 def _details_call(bus: SdBus, paths: Sequence[str]) -> SdBusMessage:
     return _call(bus, MANAGER, "GetLeaseDetails", "ao", list(paths))
 
 
-def _inventory(objects: Objects, details: Details) -> Inventory:
-    devices: dict[str, DeviceInfo] = {}
-    groups: dict[str, GroupInfo] = {}
-    leases: dict[str, LeaseInfo] = {}
-    for path, interfaces in objects.items():
-        if DEVICE in interfaces:
-            device = _device(path, _unwrap(interfaces[DEVICE]))
-            devices[device.address] = device
-        if GROUP in interfaces:
-            groups[path] = _group(path, _unwrap(interfaces[GROUP]))
-        if LEASE in interfaces:
-            mine = details.get(path)
-            leases[path] = _lease_info(
-                path, _unwrap(interfaces[LEASE]), _unwrap(mine) if mine is not None else None
-            )
+def _inventory_call(bus: SdBus) -> SdBusMessage:
+    return _call(bus, MANAGER, "GetInventory", "a{sv}", {})
+
+
+def _device_row(row: Sequence[Any]) -> DeviceInfo:
+    (path, address, vendor, device, sub_vendor, sub_device, pci_class, description, driver,
+     original_driver, group, noiommu, critical, lease, resets, _more) = row  # fmt: skip
+    return DeviceInfo(
+        path, address, vendor, device, sub_vendor, sub_device, pci_class, description, driver,
+        original_driver, group, noiommu, tuple(critical), lease, tuple(resets),
+    )  # fmt: skip
+
+
+def _group_row(row: Sequence[Any]) -> GroupInfo:
+    path, id_, members, viable, blockers, noiommu, lease, _more = row
+    return GroupInfo(path, id_, tuple(members), viable, tuple(blockers), noiommu, lease)
+
+
+def _lease_row(row: Sequence[Any]) -> LeaseInfo:
+    path, uid, devices, groups, backend, unsafe, created, more = row
+    details = _lease_details(_unwrap(more))
+    return LeaseInfo(path, uid, tuple(devices), tuple(groups), backend, unsafe, created, details)
+
+
+def _inventory(reply: SdBusMessage) -> Inventory:
+    """GetInventory's rows (org.vfiod1.xml gives their fields' order):
+    structs, which decode in a tenth of GetManagedObjects' dicts' time."""
+    device_rows, group_rows, lease_rows = _value(reply)
+    devices = {device.address: device for device in map(_device_row, device_rows)}
+    groups = {group.path: group for group in map(_group_row, group_rows)}
+    leases = {lease.path: lease for lease in map(_lease_row, lease_rows)}
     return Inventory(dict(sorted(devices.items())), groups, leases)
 
 
@@ -544,19 +525,15 @@ class Client:
     def inventory(self) -> Inventory:
         """Every device, group and lease; who holds a lease only for your
         own leases (all, for root)."""
-        objects = cast(
-            Objects, _value(self._send(_call(self.bus, OBJECT_MANAGER, "GetManagedObjects")))
-        )
-        paths = _lease_paths(objects)
-        details = cast(Details, _value(self._send(_details_call(self.bus, paths)))) if paths else {}
-        return _inventory(objects, details)
+        return _inventory(self._send(_inventory_call(self.bus)))
 
     def lease_info(self, lease: Lease | str) -> LeaseInfo:
         path = lease_path(lease)
         reply = self._send(_call(self.bus, PROPERTIES, "GetAll", "s", LEASE, path=path))
         details = cast(Details, _value(self._send(_details_call(self.bus, [path]))))
-        mine = details.get(path)
-        return _lease_info(path, _unwrap(_value(reply)), _unwrap(mine) if mine else None)
+        return _lease_info(
+            path, _unwrap(_value(reply)), _lease_details(_unwrap(details.get(path, {})))
+        )
 
     def manager_properties(self) -> dict[str, Any]:
         reply = self._send(_call(self.bus, PROPERTIES, "GetAll", "s", MANAGER))
@@ -660,13 +637,7 @@ class AsyncClient:
         return _accesses(await self._send(message))
 
     async def inventory(self) -> Inventory:
-        reply = await self._send(_call(self.bus, OBJECT_MANAGER, "GetManagedObjects"))
-        objects = cast(Objects, _value(reply))
-        paths = _lease_paths(objects)
-        details: Details = {}
-        if paths:
-            details = cast(Details, _value(await self._send(_details_call(self.bus, paths))))
-        return _inventory(objects, details)
+        return _inventory(await self._send(_inventory_call(self.bus)))
 
     async def events(self) -> AsyncIterator[Event]:
         """vfiod's announcements: objects added and removed, properties

@@ -45,7 +45,7 @@ def test_scale_runs() -> None:
         assert host.objects == host.devices + host.groups
         assert 0 < host.built_s < host.start_s < 60
         assert host.logged_start_s is not None
-        assert len(host.round_trips) == len(host.decodes) == 2
+        assert len(host.round_trips) == len(host.decodes) == len(host.inventories) == 2
         assert host.rss > 10_000_000
     assert [(s.leases, s.taken, len(s.cycle)) for s in figures.steps] == [
         (0, 0, 4),
@@ -56,6 +56,8 @@ def test_scale_runs() -> None:
     assert all(s.state_bytes > 0 for s in figures.steps[1:])
     text = scale.report(figures)
     assert "GetManagedObjects" in text
+    assert "Client.inventory() (GetInventory)" in text
+    assert "start on a host (without the fake host's build)" in text
     assert "growth per 1,000 devices" in text
     assert "leases held" in text
 

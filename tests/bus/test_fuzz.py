@@ -488,10 +488,13 @@ class _Fuzzer:
         path = rng.choice([*self.objects[:3], *self.mine[:2], _path(rng, self.seen)])
         if kind == 0:
             self.call(path, INTROSPECTABLE, "Introspect", "")
-        elif kind == 1:
+        elif kind == 1 and rng.random() < 0.5:
             self.call(
                 rng.choice([MANAGER_PATH, "/", path]), OBJECT_MANAGER, "GetManagedObjects", ""
             )
+        elif kind == 1:
+            options = self.values.options(_Budget()) if rng.random() < 0.3 else {}
+            self.call(MANAGER_PATH, MANAGER, "GetInventory", "a{sv}", options)
         elif kind == 2:
             self.call(path, PEER, "Ping", "")
         elif kind == 3:
@@ -534,6 +537,7 @@ class _Fuzzer:
                 ("Release", "s", ["/org/vfiod1/lease/x"]),
                 ("ReloadPolicy", "h", [good]),
                 ("CheckAccess", "asa{sv}h", [[], {}, good]),
+                ("GetInventory", "", []),
             ]
             member, signature, args = rng.choice(wrong)
             self.raw_call(MANAGER, member, signature, *args, fds=sent)

@@ -330,6 +330,80 @@ def _members(interface: ET.Element) -> object:
     }
 
 
+# Both answers to "what is there", as JSON: GetInventory's rows, and the same
+# rows made from GetManagedObjects and GetLeaseDetails by the contract's order
+# of each interface's properties.
+BOTH_INVENTORIES = """\
+import xml.etree.ElementTree as ET
+def call(interface, member, signature="", *args):
+    message = vfiod.bus.new_method_call_message("org.vfiod1", "/org/vfiod1", interface, member)
+    if signature:
+        message.append_data(signature, *args)
+    return vfiod.bus.call(message).get_contents()
+contract = ET.parse(sys.argv[1]).getroot()
+order = {i.get("name"): [p.get("name") for p in i.iter("property")]
+         for i in contract.iter("interface")}
+objects = call("org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
+leases = [path for path, interfaces in objects.items() if "org.vfiod1.Lease" in interfaces]
+details = call("org.vfiod1.Manager", "GetLeaseDetails", "ao", leases)
+expected = {"Device": [], "Group": [], "Lease": []}
+for path, interfaces in objects.items():
+    for kind, rows in expected.items():
+        props = interfaces.get("org.vfiod1." + kind)
+        if props is not None:
+            more = details.get(path, {}) if kind == "Lease" else {}
+            rows.append([path, *(props[name][1] for name in order["org.vfiod1." + kind]), more])
+rows = call("org.vfiod1.Manager", "GetInventory", "a{sv}", {})
+inventory = vfiod.inventory()
+say({
+    "rows": [sorted(r) for r in rows],
+    "expected": [sorted(expected[k]) for k in ("Device", "Group", "Lease")],
+    "client": {path: [info.uid, info.label] for path, info in inventory.leases.items()},
+})
+"""
+
+
+def test_get_inventory_is_the_object_manager_in_rows(vfiod: VfiodProcess, nobody: Clients) -> None:
+    contract = str(PROJECT / "dbus/org.vfiod1.xml")
+    with root_client(vfiod.bus) as root:
+        mine = root.acquire([str(E1000_A)], managed=True, label="root's")
+        mine.close()
+        held = nobody.spawn(
+            """\
+lease = vfiod.acquire([sys.argv[1]], managed=True, label="nobody's")
+lease.close()
+say(lease.path)
+sys.stdin.readline()
+""",
+            str(NIC),
+        )
+        try:
+            theirs = held.read()
+            seen = {
+                "nobody": nobody.run(BOTH_INVENTORIES, contract),
+                "root": Clients(vfiod.bus, 0).run(BOTH_INVENTORIES, contract),
+            }
+            unknown = root.bus.new_method_call_message(
+                "org.vfiod1", "/org/vfiod1", "org.vfiod1.Manager", "GetInventory"
+            )
+            unknown.append_data("a{sv}", {"since": ("t", 0)})
+            with pytest.raises(VfiodError, match=r"unknown GetInventory option\(s\): since"):
+                root._send(unknown)
+            nic = root.inventory().devices[str(NIC)]
+        finally:
+            held.finish()
+        root.release(mine)
+    for view in seen.values():
+        assert view["rows"] == view["expected"]
+        devices, groups, leases = view["rows"]
+        assert (len(devices) > 5, len(groups) > 3, len(leases)) == (True, True, 2)
+    assert (nic.lease, nic.driver) == (theirs, "vfio-pci")
+    # Each sees its own lease's details, root everyone's; nobody only that
+    # root's lease exists.
+    assert seen["nobody"]["client"] == {theirs: [NOBODY, "nobody's"], mine.path: [0, ""]}
+    assert seen["root"]["client"] == {theirs: [NOBODY, "nobody's"], mine.path: [0, "root's"]}
+
+
 def test_object_manager_announces_changes(vfiod: VfiodProcess) -> None:
     async def watch() -> list[Event]:
         client = AsyncClient(vfiod.bus.connect())

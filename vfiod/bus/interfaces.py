@@ -85,6 +85,45 @@ class GroupView:
     lease: str
 
 
+# Manager.GetInventory's rows: each object's properties in the order of its
+# interface's, after its path, then an a{sv} of more (what a later version
+# adds, and a lease's details for who may see them).
+DEVICE_ROW = "(osqqqqusssobasoasa{sv})"
+GROUP_ROW = "(osaoba(ss)boa{sv})"
+LEASE_ROW = "(ouasassbta{sv})"
+More = dict[str, tuple[str, Any]]  # the a{sv} closing each row
+DeviceRow = tuple[
+    str, str, int, int, int, int, int, str, str, str, str, bool, list[str], str, list[str], More
+]
+GroupRow = tuple[str, str, list[str], bool, list[tuple[str, str]], bool, str, More]
+LeaseRow = tuple[str, int, list[str], list[str], str, bool, int, More]
+
+
+def device_row(path: str, v: DeviceView) -> DeviceRow:
+    return (
+        path,
+        v.address,
+        v.vendor,
+        v.device,
+        v.subsystem_vendor,
+        v.subsystem_device,
+        v.pci_class,
+        v.description,
+        v.driver,
+        v.original_driver,
+        v.group,
+        v.noiommu,
+        list(v.host_critical),
+        v.lease,
+        list(v.reset_methods),
+        {},
+    )
+
+
+def group_row(path: str, v: GroupView) -> GroupRow:
+    return (path, v.id, list(v.devices), v.viable, list(v.blockers), v.noiommu, v.lease, {})
+
+
 CHANGES = DbusPropertyEmitsChangeFlag
 CONST = DbusPropertyConstFlag
 
@@ -134,6 +173,17 @@ class ManagerInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Mana
     )
     async def get_lease_details(self, leases: list[str]) -> dict[str, dict[str, tuple[str, Any]]]:
         return await self.backend.lease_details(leases)
+
+    @vfiod_method(
+        input_signature="a{sv}",
+        result_signature=f"a{DEVICE_ROW}a{GROUP_ROW}a{LEASE_ROW}",
+        input_args_names=("options",),
+        result_args_names=("devices", "groups", "leases"),
+    )
+    async def get_inventory(
+        self, options: dict[str, tuple[str, Any]]
+    ) -> tuple[list[DeviceRow], list[GroupRow], list[LeaseRow]]:
+        return await self.backend.inventory(options)
 
     # Sent to the requester alone (the service sets its destination).
     @dbus_signal_async(
@@ -269,6 +319,10 @@ class LeaseView:
     backend: str
     unsafe: bool
     created: int  # microseconds since the epoch
+
+
+def lease_row(path: str, v: LeaseView, details: More) -> LeaseRow:
+    return (path, v.uid, list(v.devices), list(v.groups), v.backend, v.unsafe, v.created, details)
 
 
 class LeaseInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Lease"):

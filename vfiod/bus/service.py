@@ -33,19 +33,25 @@ from vfiod.bus.interfaces import (
     MANAGER_PATH,
     NO_OBJECT,
     DeviceInterface,
+    DeviceRow,
     DeviceView,
     GroupInterface,
+    GroupRow,
     GroupView,
     InternalError,
     LeaseInterface,
+    LeaseRow,
     LeaseView,
     Manager,
     device_path,
+    device_row,
     group_path,
+    group_row,
     lease_path,
+    lease_row,
 )
 from vfiod.bus.subtree import Subtree
-from vfiod.bus.wire import Variants, acquire_options, map_options
+from vfiod.bus.wire import Variants, acquire_options, inventory_options, map_options
 from vfiod.errors import ALL_ERRORS, BrokerError, InvalidArgument, PermissionDenied, PolicyInvalid
 from vfiod.host.inventory import Inventory, IommuGroup, PciDevice
 from vfiod.host.watcher import HostEvent
@@ -83,6 +89,10 @@ class BusBackend(Protocol):
     async def reload_policy(self) -> None: ...
 
     async def lease_details(self, leases: list[str]) -> dict[str, dict[str, tuple[str, Any]]]: ...
+
+    async def inventory(
+        self, options: Variants
+    ) -> tuple[list[DeviceRow], list[GroupRow], list[LeaseRow]]: ...
 
     async def map_dma(
         self, lease_id: str, memfd: int, offset: int, size: int, iova: int, options: Variants
@@ -465,23 +475,34 @@ class BusService:
         ended meanwhile."""
         if len(leases) > MAX_DETAILS:
             raise InvalidArgument(f"ask for at most {MAX_DETAILS} leases at a time")
-        credentials = await self.callers.of(get_current_message().sender)
+        uid = (await self.callers.of(get_current_message().sender)).caller.uid
         details: dict[str, dict[str, tuple[str, Any]]] = {}
         for path in leases:
             lease = self.broker.leases.get(path.removeprefix(LEASE_PREFIX))
-            if lease is None or not path.startswith(LEASE_PREFIX):
-                continue
-            if credentials.caller.uid not in (0, lease.caller.uid):
-                continue
-            details[path] = {
-                "Owner": ("s", lease.owner),
-                "Pid": ("u", lease.pid or 0),
-                "OwnerPid": ("u", lease.owner_pid or 0),
-                "Unit": ("s", lease.caller.unit or ""),
-                "Label": ("s", lease.label),
-                "State": ("s", lease.state.value),
-            }
+            if lease is not None and path.startswith(LEASE_PREFIX) and uid in (0, lease.caller.uid):
+                details[path] = _details(lease)
         return details
+
+    async def inventory(
+        self, options: Variants
+    ) -> tuple[list[DeviceRow], list[GroupRow], list[LeaseRow]]:
+        """Every device, group and lease as exported, in one reply a client
+        decodes in a tenth of GetManagedObjects' time; a lease's details
+        only where GetLeaseDetails would tell them."""
+        inventory_options(options)
+        uid = (await self.callers.of(get_current_message().sender)).caller.uid
+        device_tree, group_tree = self._trees()
+        leases = []
+        for lease_id, exported in self.leases.items():
+            lease = self.broker.leases.get(lease_id)
+            yours = lease is not None and uid in (0, lease.caller.uid)
+            details = _details(lease) if lease is not None and yours else {}
+            leases.append(lease_row(exported.path, exported.obj.view, details))
+        return (
+            [device_row(path, view) for path, view in device_tree.items()],
+            [group_row(path, view) for path, view in group_tree.items()],
+            leases,
+        )
 
     async def reload_policy(self) -> None:
         credentials = await self.callers.of(get_current_message().sender)
@@ -524,3 +545,15 @@ class BusService:
         with self._calling(lease_id):
             credentials = await self.callers.of(get_current_message().sender)
             self.broker.unmap_dma(lease_id, credentials.caller, iova, size)
+
+
+def _details(lease: Lease) -> dict[str, tuple[str, Any]]:
+    """Who holds a lease: for its own uid and for root (GetLeaseDetails)."""
+    return {
+        "Owner": ("s", lease.owner),
+        "Pid": ("u", lease.pid or 0),
+        "OwnerPid": ("u", lease.owner_pid or 0),
+        "Unit": ("s", lease.caller.unit or ""),
+        "Label": ("s", lease.label),
+        "State": ("s", lease.state.value),
+    }

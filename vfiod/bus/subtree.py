@@ -32,7 +32,7 @@ import errno
 import functools
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sdbus import DbusPropertyEmitsChangeFlag, sd_bus_internals
@@ -291,6 +291,11 @@ class Subtree:
     def view(self, path: str) -> Any:
         """The view served at ``path`` (KeyError if none)."""
         return self._objects[path.encode()].view
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """Every object served: its path and its view."""
+        for key, viewed in self._objects.items():
+            yield key.decode(), viewed.view
 
     def add(self, path: str, view: Any, *, announce: bool = True) -> None:
         """Serve ``view`` at ``path`` (a new object: InterfacesAdded, unless

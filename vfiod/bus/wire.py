@@ -105,3 +105,9 @@ def map_options(options: Variants) -> bool:
     allocate = reader.boolean("allocate-iova", False)
     reader.done()
     return allocate
+
+
+def inventory_options(options: Variants) -> None:
+    """GetInventory takes no option yet: any is refused, so a client that
+    sends one learns its vfiod does not know it."""
+    OptionReader(options, "GetInventory").done()
