@@ -70,16 +70,13 @@ from bench.common import (
 )
 from bench.warm_acquire import _CYCLES, WARMUP
 from tests.bus import NOBODY
-from tests.bus.vfiod import Clients, run_vfiod
+from tests.bus.vfiod import FDS_PER_LEASE, Clients, run_vfiod
 from tests.fakehost import scale_address
 from vfiod.state import JOURNAL_SUFFIX
 
 DEVICES = (256, 1024, 4096, 16384)
 LEASES = (0, 100, 1000, 10000)
 CYCLING_GROUPS = 32  # free groups the cycles take in turn, beyond the held ones
-# Held leases, without an owner pidfd: the fds of each in vfiod (and as many
-# in the fd store's stand-in).
-FDS_PER_LEASE = {"legacy": 2, "iommufd": 1}
 
 TARGET_START = {4096: 2.0, 16384: 4.0}  # seconds
 TARGET_OBJECTS = 0.2  # seconds, at 4,096 devices

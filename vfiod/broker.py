@@ -57,6 +57,7 @@ from vfiod.policy.load import PolicyHolder
 from vfiod.policy.model import Caller, Policy, Request
 from vfiod.reasons import Reason
 from vfiod.state import LeaseRecord
+from vfiod.store_names import StoreNames
 from vfiod.vfio import (
     CdevDevice,
     Container,
@@ -74,6 +75,8 @@ from vfiod.vfio.kernel import IovaRange
 from vfiod.worker import InlineWorker, Worker
 
 log = logging.getLogger(__name__)
+
+_STORE_NAME = "fds:"  # before a name of the fd store, among the keys leases claim at a restart
 
 # Journal MESSAGE_IDs of the audit trail (stable; admins filter on them).
 MESSAGE_GRANTED = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e01"
@@ -240,6 +243,10 @@ class Lease:
     mappings: dict[int, DmaMapping] = dataclasses.field(default_factory=dict)  # by IOVA
     unwatch: Callable[[], None] | None = None
     stored: tuple[str, ...] = ()  # names of its fds in the fd store
+    # The names its record gives, in use until the record is dropped (its
+    # fds may have left the store already): no other lease's record may
+    # name them, or a restart would adopt that lease's fds for this one.
+    named: tuple[str, ...] = ()
     request_id: str = ""  # the Acquire's request-id, to Cancel a reply that got lost
 
     @property
@@ -395,6 +402,7 @@ class Broker:
         self.policy = policy
         self.watcher = watcher
         self.fd_store = fd_store if fd_store is not None else NoFdStore()
+        self.store_names = StoreNames()  # (recover() counts those a restart kept)
         self.dev_vfio = dev_vfio
         self.proc = proc
         self.clock = clock
@@ -905,9 +913,10 @@ class Broker:
 
     def _store(self, lease: Lease) -> None:
         """Keep the lease's fds where a restart of vfiod finds them (all under
-        the lease's id: one message to systemd), and record the lease."""
-        self.fd_store.keep(lease.id, lease.held_fds())
-        lease.stored = (lease.id,)
+        one short name: one message to systemd), and record the lease."""
+        name = self.store_names.take()
+        self.fd_store.keep(name, lease.held_fds())
+        lease.stored = lease.named = (name,)
         self._save(lease)
 
     def _save(self, lease: Lease) -> None:
@@ -1092,6 +1101,12 @@ class Broker:
     async def _open_iommufd(self, lease: Lease, fds: dict[str, int], pending: Pending) -> None:
         iommufd = IommuFd.open(self.kernel)
         lease.handles.append(iommufd)
+        if lease.max_locked_memory is not None:
+            # What the VMM pins counts against its own RLIMIT_MEMLOCK (raised
+            # to the rule's limit for an owner process), not against the one
+            # all of its user's processes share; only vfiod may choose
+            # (CAP_SYS_RESOURCE), and only before anything is in the iommufd.
+            iommufd.rlimit_mode = abi.RlimitMode.PROCESS
         fds["iommufd"] = os.dup(iommufd.fileno())
         # No group fd here: Linux refuses to bind a cdev (EBUSY) while its
         # group is open the legacy way. Once the VMM binds, the kernel keeps
@@ -1342,6 +1357,9 @@ class Broker:
         lease.state = LeaseState.FREE
         self._remove_lease(lease)
         self.binder.state.drop_lease(lease.id)
+        for name in lease.named:
+            self.store_names.give_back(name)
+        lease.named = ()
         _audit(
             MESSAGE_FREED,
             f"lease {lease.id} is free"
@@ -1415,6 +1433,7 @@ class Broker:
         (or, while a client still holds their group, once it lets go)."""
         remaining = {name: list(fds) for name, fds in (stored or {}).items()}
         recovered = self._recover_leases(remaining)
+        self.store_names = StoreNames(name for lease in recovered for name in lease.named)
         for name, leftover in remaining.items():  # of no lease we know: let them go
             for fd in leftover:
                 os.close(fd)
@@ -1430,7 +1449,8 @@ class Broker:
         """The leases of the state file, adopted with the fds they find in
         ``remaining`` (taken from it) or draining."""
         recovered: list[Lease] = []
-        claimed: dict[str, str] = {}  # group or device -> the lease recovered with it
+        # Group, device or fd store name -> the lease recovered with it.
+        claimed: dict[str, str] = {}
         # A damaged file may name one group in two leases: the one systemd
         # kept every fd of goes first, then the older.
         records = sorted(
@@ -1438,9 +1458,9 @@ class Broker:
             key=lambda r: (not r.fds or any(n not in remaining for n in r.fds), r.created),
         )
         for record in records:
-            clash = next(
-                (claimed[k] for k in (*record.groups, *record.devices) if k in claimed), None
-            )
+            names = tuple(_STORE_NAME + n for n in record.fds)
+            keys = (*record.groups, *record.devices, *names)
+            clash = next((claimed[k] for k in keys if k in claimed), None)
             if clash is not None:
                 log.warning(
                     "lease %s of the state file claims what lease %s holds; it is dropped",
@@ -1448,12 +1468,13 @@ class Broker:
                     clash,
                 )
                 for name in record.fds:
-                    for fd in remaining.pop(name, []):
-                        os.close(fd)
-                    self.fd_store.drop(name)
+                    if _STORE_NAME + name not in claimed:  # (not the other lease's fds)
+                        for fd in remaining.pop(name, []):
+                            os.close(fd)
+                        self.fd_store.drop(name)
                 self.binder.state.drop_lease(record.id)
                 continue
-            claimed.update(dict.fromkeys((*record.groups, *record.devices), record.id))
+            claimed.update(dict.fromkeys(keys, record.id))
             lease = self._from_record(record)
             # (Names of an older vfiod's records, one per fd, are read the same way.)
             complete = bool(record.fds) and all(n in remaining for n in record.fds)
@@ -1603,6 +1624,7 @@ class Broker:
             max_locked_memory=record.max_locked_memory,
             moved=tuple(PciAddress.parse(d) for d in record.moved),
             owner_pid=record.owner_pid,
+            named=record.fds,
         )
 
     def _notify(self, lease: Lease, change: LeaseChange) -> None:

@@ -123,8 +123,9 @@ class LeaseRecord:
     restore: bool  # give devices vfiod moved back to their drivers when free
     max_locked_memory: int | None = None
     moved: tuple[str, ...] = ()  # devices vfiod moved to vfio-pci for this lease
-    # The fd store's FDNAMEs of the fds vfiod holds for it: the lease's id (or,
-    # from an older vfiod, one name per fd: "<id>.container", "<id>.group.4").
+    # The fd store's FDNAMEs of the fds vfiod holds for it: a short name of
+    # its own (vfiod.store_names), or from an older vfiod the lease's id, or
+    # one name per fd ("<id>.container", "<id>.group.4").
     fds: tuple[str, ...] = ()
     iommu_type: int | None = None  # of its container (legacy)
     mappings: tuple[tuple[int, int], ...] = ()  # (IOVA, size) mapped through MapDma
@@ -180,11 +181,14 @@ _PID_MAX = 4194304  # PID_MAX_LIMIT of a 64-bit kernel
 
 
 def _fd_name(lease_id: str) -> re.Pattern[str]:
-    """The names vfiod gives a lease's fds in the fd store (LeaseRecord.fds).
-    Another lease's name in a record would close and drop that lease's fds."""
+    """The names vfiod gives a lease's fds in the fd store (LeaseRecord.fds):
+    a short one (vfiod.store_names), or an older vfiod's, made of the lease's
+    id. (Two records naming the same short name: the broker adopts the fds
+    for one of them only.)"""
     return re.compile(
-        re.escape(lease_id) + r"(?:\.(?:container|iommufd|owner|group\.(?:noiommu-)?"
-        r"(?:0|[1-9][0-9]{0,9})))?"
+        r"[0-9A-Za-z_-]{1,3}|"
+        + re.escape(lease_id)
+        + r"(?:\.(?:container|iommufd|owner|group\.(?:noiommu-)?(?:0|[1-9][0-9]{0,9})))?"
     )
 
 

@@ -199,9 +199,11 @@ sys.stdin.readline()
     try:
         lease_id = client.read().rsplit("/", 1)[1]
         assert vfiod.driver(str(NIC)) == "vfio-pci"
-        # systemd keeps what vfiod holds for the lease, for a restart.
-        # Its container and its group, under its id.
-        assert vfiod.fd_store == [lease_id, lease_id]
+        # systemd keeps what vfiod holds for the lease, for a restart: its
+        # container and its group, under the lease's short name, which its
+        # record gives.
+        assert vfiod.fd_store == ["0", "0"]
+        assert vfiod.state()["leases"][lease_id]["fds"] == ["0"]
     finally:
         client.kill()  # holding its device fd until the kernel closes it
     vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")

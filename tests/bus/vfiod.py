@@ -98,7 +98,8 @@ while True:
 
 # Every device to nobody, without managed binding (a scale host's devices
 # start on vfio-pci), and a client snippet (after CLIENT) that holds a lease
-# of the first function of each of the first argv[1] groups of a scale host.
+# of the first function of each of the first argv[1] groups of a scale host
+# (of backend argv[2], legacy without it).
 NOBODY_ANY_POLICY = """
 [[rule]]
 name = "nobody-all"
@@ -108,12 +109,16 @@ users = ["nobody"]
 """
 HOLD_MANY = """\
 from tests.fakehost import scale_address
+backend = sys.argv[2] if len(sys.argv) > 2 else "legacy"
 for i in range(int(sys.argv[1])):
-    lease = vfiod.acquire([str(scale_address(2 * i))], backend="legacy", open_devices=False)
+    lease = vfiod.acquire([str(scale_address(2 * i))], backend=backend, open_devices=False)
     lease.close()  # vfiod keeps its own; the lease follows this connection
 say("held")
 sys.stdin.readline()
 """
+# The fds vfiod holds for each of HOLD_MANY's leases (no owner pidfd), and
+# as many in the fd store: a container and a group, or an iommufd.
+FDS_PER_LEASE = {"legacy": 2, "iommufd": 1}
 
 # Prepended to client snippets: the project's own client, as nobody.
 CLIENT = """\

@@ -107,6 +107,11 @@ ENUMS: dict[type[enum.Enum], dict[str, tuple[str, int]]] = {
         "SET": ("IOMMU_OPTION_OP_SET", 0),
         "GET": ("IOMMU_OPTION_OP_GET", 1),
     },
+    # iommufd.h gives these as val64 of IOMMU_OPTION_RLIMIT_MODE, unnamed.
+    abi.RlimitMode: {
+        "USER": ("IOMMU_OPTION_RLIMIT_MODE user", 0),
+        "PROCESS": ("IOMMU_OPTION_RLIMIT_MODE process", 1),
+    },
 }
 
 # Module-level constants; their names are the header's.

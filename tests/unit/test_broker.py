@@ -56,7 +56,7 @@ from vfiod.host.watcher import Action, Host, UEvent
 from vfiod.pci import PciAddress
 from vfiod.policy.load import PolicyHolder
 from vfiod.policy.model import Caller
-from vfiod.vfio import VfioError
+from vfiod.vfio import VfioError, abi
 from vfiod.vfio.kernel import IovaRange
 
 ALICE = Caller(uid=1000, user="alice", gids=(1000,), groups=("alice",), unit=None, slices=())
@@ -491,6 +491,33 @@ def test_map_dma_at_a_given_iova_including_zero(world: World) -> None:
     assert world.host.kernel.mmaps() == {}
 
 
+def test_an_iommufd_under_a_locked_memory_limit_counts_per_process(world: World) -> None:
+    """The rule's max-locked-memory: what the VMM pins through the iommufd
+    counts against its own RLIMIT_MEMLOCK (IOMMU_OPTION_RLIMIT_MODE, which
+    only vfiod may set); without one the kernel's default (per user) stays."""
+    kernel = world.host.kernel
+    mode = abi.IommufdOption.RLIMIT_MODE
+    limited = world.acquire(backend=Backend.IOMMUFD)  # alice-nic: max-locked-memory 1M
+    unlimited = world.acquire(BOB, ("0000:02:01.0", "0000:02:02.0"), backend=Backend.IOMMUFD)
+    try:
+        for grant, wanted in ((limited, abi.RlimitMode.PROCESS), (unlimited, abi.RlimitMode.USER)):
+            assert kernel.iommufd_option(
+                grant.fds["iommufd"], mode, abi.IommufdOptionOp.GET, 0
+            ) == (wanted)
+    finally:
+        close_all(limited.fds)
+        close_all(unlimited.fds)
+    world.broker.release(limited.lease.id, ALICE)
+    world.broker.release(unlimited.lease.id, BOB)
+    # A vfiod without CAP_SYS_RESOURCE cannot: the lease is refused, nothing stays.
+    kernel.cap_sys_resource = False
+    with pytest.raises(KernelError, match="needs CAP_SYS_RESOURCE"):
+        world.acquire(backend=Backend.IOMMUFD)
+    assert world.broker.leases == {}
+    assert world.host.sysfs.driver(NIC) == "e1000e"
+    assert "/dev/iommu" not in kernel.open_nodes().values()
+
+
 def test_map_dma_on_an_iommufd_lease_is_not_supported(world: World) -> None:
     grant = world.acquire(backend=Backend.IOMMUFD)
     close_all(grant.fds)
@@ -680,8 +707,9 @@ def test_a_restart_with_the_fd_store_keeps_leases_active(tmp_path: Path) -> None
     try:
         grant = w.acquire()
         legacy_id = grant.lease.id
-        # Its container and group, under its id, in one message.
-        assert [(name, len(fds)) for name, fds in store.fds.items()] == [(legacy_id, 2)]
+        # Its container and group, under the first short name, in one message.
+        assert [(name, len(fds)) for name, fds in store.fds.items()] == [("0", 2)]
+        assert grant.lease.named == ("0",)
         assert store.messages == 1
         memfd = os.memfd_create("guest-ram")
         os.ftruncate(memfd, MiB)
@@ -725,8 +753,9 @@ def test_a_restart_with_stale_or_missing_fds_drains(tmp_path: Path) -> None:
         close_all(grant.fds)
         die(w.broker)
         passed = store.passed()
-        os.close(passed[grant.lease.id].pop())  # systemd lost one (FileDescriptorStoreMax)
-        passed["stranger"] = [os.dup(passed[grant.lease.id][0])]
+        (name,) = grant.lease.named
+        os.close(passed[name].pop())  # systemd lost one (FileDescriptorStoreMax)
+        passed["stranger"] = [os.dup(passed[name][0])]
         again = restarted(w, store)
         (lease,) = again.recover(passed)
         assert lease.state is LeaseState.FREE, "drained at once: nobody holds the group"

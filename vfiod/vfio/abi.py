@@ -142,6 +142,13 @@ class IommufdOption(enum.IntEnum):
     HUGE_PAGES = 1
 
 
+class RlimitMode(enum.IntEnum):
+    """IOMMU_OPTION_RLIMIT_MODE's values: whose RLIMIT_MEMLOCK pinned pages count against."""
+
+    USER = 0  # the user's, shared by all of its processes (the default)
+    PROCESS = 1  # the mapping process's own (setting it needs CAP_SYS_RESOURCE)
+
+
 class IommufdOptionOp(enum.IntEnum):
     SET = 0
     GET = 1

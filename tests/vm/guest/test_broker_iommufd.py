@@ -1,7 +1,10 @@
 """vfiod's iommufd backend on the test kernel: as nobody, the iommufd and the
-unbound device cdev it returns bind, attach and map."""
+unbound device cdev it returns bind, attach and map, and what the client
+pins counts against its own locked-memory limit."""
 
 from __future__ import annotations
+
+import errno
 
 from tests.bus import PrivateBus
 from tests.bus.vfiod import Clients, VfiodProcess
@@ -15,6 +18,7 @@ address = "{E1000E}"
 users = ["nobody"]
 managed = true
 backends = ["iommufd"]
+max-locked-memory = "16M"
 """
 
 USE_IOMMUFD_FDS = """\
@@ -51,4 +55,56 @@ def test_iommufd_fds_bind_attach_and_map(vfiod: VfiodProcess, bus: PrivateBus) -
     assert out["iova"] == 0
     vfiod.wait_for(lambda: vfiod.driver(E1000E) == "e1000e", "e1000e coming back", 60)
     # (its record goes a moment after its devices are back)
+    vfiod.wait_for(lambda: vfiod.state()["leases"] == {}, "the lease record going", 10)
+
+
+# As a VMM that gives its own pidfd: vfiod raises its RLIMIT_MEMLOCK to the
+# rule's 16 MiB and sets the iommufd to count pins per process, so the
+# client pins 16 MiB (its VmLck says so) and no more.
+PIN_TO_THE_LIMIT = """\
+import resource
+from vfiod.vfio import CdevDevice, DmaMapping, IommuFd, LinuxKernel, VfioError
+kernel = LinuxKernel()
+out = {"before": resource.getrlimit(resource.RLIMIT_MEMLOCK)}
+pidfd = os.pidfd_open(os.getpid())
+lease = vfiod.acquire([sys.argv[1]], managed=True, backend="iommufd", owner_pidfd=pidfd)
+os.close(pidfd)
+out["memlock"] = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+iommufd = IommuFd(kernel, lease.fds.pop("iommufd"), "/dev/iommu")
+out["mode"] = iommufd.rlimit_mode
+device = CdevDevice(kernel, lease.fds.pop("device:" + sys.argv[1]), "cdev", sys.argv[1])
+device.bind(iommufd)
+ioas = iommufd.alloc_ioas()
+device.attach(ioas)
+memfd = os.memfd_create("guest-ram")
+os.ftruncate(memfd, 32 << 20)
+
+def locked_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmLck:"))
+
+with DmaMapping.map_memfd(kernel, ioas, memfd, 0, 16 << 20, iova=0):
+    out["locked"] = locked_kib()
+    try:
+        DmaMapping.map_memfd(kernel, ioas, memfd, 16 << 20, 1 << 20, iova=16 << 20).close()
+        out["beyond"] = "mapped"
+    except VfioError as e:
+        out["beyond"] = [e.errno, str(e)]
+out["after"] = locked_kib()
+os.close(memfd)
+device.close()
+iommufd.close()
+vfiod.release(lease)
+say(out)
+"""
+
+
+def test_pins_count_against_the_clients_own_limit(vfiod: VfiodProcess, bus: PrivateBus) -> None:
+    out = Clients(bus).run(PIN_TO_THE_LIMIT, E1000E, timeout=120)
+    assert out["memlock"] == [16 << 20, 16 << 20], out["before"]
+    assert out["mode"] == 1, "IOMMU_OPTION_RLIMIT_MODE: per process"
+    assert out["locked"] == 16 << 10, "16 MiB pinned, in the client's own VmLck"
+    assert out["beyond"][0] == errno.ENOMEM, out["beyond"]
+    assert out["after"] == 0
+    vfiod.wait_for(lambda: vfiod.driver(E1000E) == "e1000e", "e1000e coming back", 60)
     vfiod.wait_for(lambda: vfiod.state()["leases"] == {}, "the lease record going", 10)
