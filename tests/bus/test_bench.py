@@ -56,8 +56,8 @@ def test_scale_runs() -> None:
     assert all(s.state_bytes > 0 for s in figures.steps[1:])
     text = scale.report(figures)
     assert "GetManagedObjects" in text
-    assert "Client.inventory() (GetInventory)" in text
-    assert "start on a host (without the fake host's build)" in text
+    assert "Client.inventory(), p50 of the rest" in text
+    assert "start on a host (no fake host's build)" in text
     assert "growth per 1,000 devices" in text
     assert "leases held" in text
 
