@@ -25,6 +25,7 @@ from sdbus.sd_bus_internals import SdBus
 from vfiod import notify, service_manager
 from vfiod.broker import Broker, FdStore, LeaseState
 from vfiod.bus.credentials import BusDriver, Callers, SystemdUnits
+from vfiod.bus.fair import FairLoop
 from vfiod.bus.service import BusService
 from vfiod.host.binding import Binder, CriticalDevices, ModuleLoader, modprobe
 from vfiod.host.hwdb import HardwareDatabase
@@ -308,4 +309,6 @@ class Daemon:
 
 def run(parts: Parts, main: Callable[[Daemon], Coroutine[Any, Any, None]] | None = None) -> None:
     daemon = Daemon(parts)
-    asyncio.run(main(daemon) if main is not None else daemon.run())
+    # (FairLoop: no caller's calls keep the others' from being served.)
+    with asyncio.Runner(loop_factory=FairLoop) as runner:
+        runner.run(main(daemon) if main is not None else daemon.run())

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.bus import NOBODY, PROJECT, PrivateBus
-from tests.bus.vfiod import Clients, VfiodProcess, run_vfiod
-from tests.fakehost import E1000_A, E1000_B, NIC, SATA
+from tests.bus.vfiod import NOBODY_ANY_POLICY, Clients, VfiodProcess, run_vfiod
+from tests.fakehost import E1000_A, E1000_B, NIC, SATA, scale_address
 from vfiod.client import AsyncClient, Client, Event, VfiodError
 
 POLICY = """
@@ -489,3 +489,40 @@ sys.stdin.readline()
             assert daemon.driver(str(E1000_A)) == "vfio-pci"
     assert daemon.driver(str(E1000_A)) == "e1000"
     assert daemon.state()["leases"] == {}
+
+
+# A client reading everything back to back (after CLIENT), and one cycle.
+READ_EVERYTHING = """\
+say("reading")
+while True:
+    vfiod.bus.call(vfiod.bus.new_method_call_message(
+        "org.vfiod1", "/org/vfiod1", "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"))
+"""
+ONE_CYCLE = """\
+start = time.monotonic()
+lease = vfiod.acquire([sys.argv[1]], backend="legacy")
+lease.close()
+vfiod.release(lease)
+say(time.monotonic() - start)
+"""
+
+
+def test_clients_reading_everything_back_to_back_starve_nobody(
+    private_bus: PrivateBus, tmp_path: Path, nobody: Clients
+) -> None:
+    """sd-bus answers GetManagedObjects inside sdbus's process(), which ran
+    until nothing was queued: two clients calling it back to back kept it
+    running for good, and with it every Acquire, timer and the SIGTERM
+    handler (vfiod.bus.fair). Now each turn of the loop dispatches one
+    message: another caller's Acquire and Release end, and vfiod stops."""
+    with run_vfiod(private_bus, tmp_path / "vfiod", NOBODY_ANY_POLICY, "scale:1024") as daemon:
+        readers = [nobody.spawn(READ_EVERYTHING) for _ in range(2)]
+        try:
+            for reader in readers:
+                assert reader.read(timeout=60) == "reading"
+            took = nobody.run(ONE_CYCLE, str(scale_address(0)), timeout=120)
+            assert took < 60, f"one Acquire + Release took {took:.1f} s"
+            assert daemon.stop() == 0
+        finally:
+            for reader in readers:
+                reader.kill()

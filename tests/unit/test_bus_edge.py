@@ -196,5 +196,5 @@ def test_sdbus_flags_are_sd_bus_vtable_flags() -> None:
 
 def test_the_installed_sdbus_is_one_subtree_supports() -> None:
     assert SdBus.__basicsize__ == subtree.BUS_OBJECT_SIZE
-    calls = subtree._sd_bus()
+    calls = subtree.sd_bus_calls()
     assert ctypes.c_uint.from_address(calls.format).value == subtree.VTABLE_FORMAT

@@ -123,7 +123,7 @@ _ENUMERATE = ctypes.CFUNCTYPE(
 
 
 class _SdBusObjects:
-    """The sd-bus calls that serve a subtree."""
+    """The sd-bus calls that serve a subtree (and drive a bus fairly)."""
 
     def __init__(self) -> None:
         lib = ctypes.PyDLL(sd_bus_internals.__file__)
@@ -147,6 +147,7 @@ class _SdBusObjects:
         self.emit_properties_changed = c_function(
             lib, "sd_bus_emit_properties_changed_strv", pointer, text, text, pointer
         )
+        self.process = c_function(lib, "sd_bus_process", pointer, pointer)  # (vfiod.bus.fair)
         self.slot_unref = c_function(lib, "sd_bus_slot_unref", pointer, restype=pointer)
         self.message_get_bus = c_function(lib, "sd_bus_message_get_bus", pointer, restype=pointer)
         libc = ctypes.CDLL(None)
@@ -155,7 +156,7 @@ class _SdBusObjects:
 
 
 @functools.cache
-def _sd_bus() -> _SdBusObjects:
+def sd_bus_calls() -> _SdBusObjects:
     sd_bus()  # this sdbus is one whose layouts are known (else UnsupportedSdbusError)
     if SdBus.__basicsize__ != BUS_OBJECT_SIZE:
         raise UnsupportedSdbusError(
@@ -174,7 +175,7 @@ def bus_pointer(bus: SdBus) -> int:
     probe = bus.new_method_call_message(
         "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus.Peer", "Ping"
     )
-    if pointer is None or _sd_bus().message_get_bus(message_pointer(probe)) != pointer:
+    if pointer is None or sd_bus_calls().message_get_bus(message_pointer(probe)) != pointer:
         raise UnsupportedSdbusError("this sdbus keeps its sd_bus elsewhere than vfiod expects")
     return pointer
 
@@ -228,7 +229,7 @@ class Subtree:
     each a view of the type the interface's getters read."""
 
     def __init__(self, bus: SdBus, prefix: str, interface: type) -> None:
-        self._calls = _sd_bus()
+        self._calls = sd_bus_calls()
         self._bus = bus
         self._pointer = bus_pointer(bus)
         self.prefix = prefix
