@@ -243,10 +243,6 @@ class Lease:
     mappings: dict[int, DmaMapping] = dataclasses.field(default_factory=dict)  # by IOVA
     unwatch: Callable[[], None] | None = None
     stored: tuple[str, ...] = ()  # names of its fds in the fd store
-    # The names its record gives, in use until the record is dropped (its
-    # fds may have left the store already): no other lease's record may
-    # name them, or a restart would adopt that lease's fds for this one.
-    named: tuple[str, ...] = ()
     request_id: str = ""  # the Acquire's request-id, to Cancel a reply that got lost
 
     @property
@@ -916,7 +912,7 @@ class Broker:
         one short name: one message to systemd), and record the lease."""
         name = self.store_names.take()
         self.fd_store.keep(name, lease.held_fds())
-        lease.stored = lease.named = (name,)
+        lease.stored = (name,)
         self._save(lease)
 
     def _save(self, lease: Lease) -> None:
@@ -1356,10 +1352,13 @@ class Broker:
     def _forget(self, lease: Lease) -> None:
         lease.state = LeaseState.FREE
         self._remove_lease(lease)
+        # Its fd store names are free once no record names them (its fds may
+        # have left the store long before): were another lease's record to
+        # name them too, a restart would adopt that lease's fds for this one.
+        record = self.binder.state.load().leases.get(lease.id)
         self.binder.state.drop_lease(lease.id)
-        for name in lease.named:
+        for name in record.fds if record is not None else ():
             self.store_names.give_back(name)
-        lease.named = ()
         _audit(
             MESSAGE_FREED,
             f"lease {lease.id} is free"
@@ -1433,7 +1432,8 @@ class Broker:
         (or, while a client still holds their group, once it lets go)."""
         remaining = {name: list(fds) for name, fds in (stored or {}).items()}
         recovered = self._recover_leases(remaining)
-        self.store_names = StoreNames(name for lease in recovered for name in lease.named)
+        records = self.binder.state.load().leases.values()  # (those kept: draining ones too)
+        self.store_names = StoreNames(name for record in records for name in record.fds)
         for name, leftover in remaining.items():  # of no lease we know: let them go
             for fd in leftover:
                 os.close(fd)
@@ -1624,7 +1624,6 @@ class Broker:
             max_locked_memory=record.max_locked_memory,
             moved=tuple(PciAddress.parse(d) for d in record.moved),
             owner_pid=record.owner_pid,
-            named=record.fds,
         )
 
     def _notify(self, lease: Lease, change: LeaseChange) -> None:

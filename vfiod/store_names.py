@@ -8,8 +8,9 @@ vfiod fail with E2BIG. Names here are 1 to 3 characters, the smallest free
 first, so a full store (FileDescriptorStoreMax=, one fd per lease at
 worst) stays under the limit; ``fdnames_bytes`` says how much it takes.
 
-A name is given back when its lease's fds leave the store, and may then
-name another lease's: systemd reads the notify socket in order, so the
+A name is given back once no lease record names it any more (the broker
+drops a lease's record after its fds left the store), and may then name
+another lease's: systemd reads the notify socket in order, so the
 FDSTOREREMOVE=1 of the first comes before the FDSTORE=1 of the next.
 """
 

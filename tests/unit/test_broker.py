@@ -709,7 +709,7 @@ def test_a_restart_with_the_fd_store_keeps_leases_active(tmp_path: Path) -> None
         legacy_id = grant.lease.id
         # Its container and group, under the first short name, in one message.
         assert [(name, len(fds)) for name, fds in store.fds.items()] == [("0", 2)]
-        assert grant.lease.named == ("0",)
+        assert grant.lease.stored == ("0",)
         assert store.messages == 1
         memfd = os.memfd_create("guest-ram")
         os.ftruncate(memfd, MiB)
@@ -753,7 +753,7 @@ def test_a_restart_with_stale_or_missing_fds_drains(tmp_path: Path) -> None:
         close_all(grant.fds)
         die(w.broker)
         passed = store.passed()
-        (name,) = grant.lease.named
+        (name,) = grant.lease.stored
         os.close(passed[name].pop())  # systemd lost one (FileDescriptorStoreMax)
         passed["stranger"] = [os.dup(passed[name][0])]
         again = restarted(w, store)

@@ -116,7 +116,7 @@ def test_stored_fds_that_are_not_what_the_record_says_are_closed_once(tmp_path: 
         close_all(grant.fds)
         die(w.broker)
         passed = store.passed()
-        (name,) = grant.lease.named
+        (name,) = grant.lease.stored
         fds = passed[name]
         os.close(fds.pop(0))
         fds.append(os.memfd_create("not-a-vfio-node"))
@@ -153,10 +153,10 @@ def test_fds_of_another_lease_under_a_leases_name_adopt_neither(tmp_path: Path) 
         passed = store.passed()
         kernel = w.host.kernel
         (moved,) = (
-            fd for fd in passed[second.lease.named[0]] if kernel.node_of(fd, ["/dev/vfio/4"])
+            fd for fd in passed[second.lease.stored[0]] if kernel.node_of(fd, ["/dev/vfio/4"])
         )
-        passed[second.lease.named[0]].remove(moved)
-        passed[first.lease.named[0]].append(moved)
+        passed[second.lease.stored[0]].remove(moved)
+        passed[first.lease.stored[0]].append(moved)
         again = restarted(w, store)
         leases = again.recover(passed)
         assert {lease.id for lease in leases} == {first.lease.id, second.lease.id}
@@ -184,11 +184,11 @@ def test_an_older_vfiods_fds_one_name_each_are_adopted(tmp_path: Path) -> None:
         }
         passed = {
             old_names[w.host.kernel.node_of(fd, old_names)]: [fd]
-            for fd in store.passed().pop(grant.lease.named[0])
+            for fd in store.passed().pop(grant.lease.stored[0])
         }
         record = w.host.state.load().leases[lease_id]
         w.host.state.put_lease(dataclasses.replace(record, fds=tuple(sorted(passed))))
-        for fd in store.fds.pop(grant.lease.named[0]):  # the store as the older vfiod left it
+        for fd in store.fds.pop(grant.lease.stored[0]):  # the store as the older vfiod left it
             os.close(fd)
         store.fds = {name: [os.dup(fds[0])] for name, fds in passed.items()}
         again = restarted(w, store)

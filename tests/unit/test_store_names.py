@@ -92,7 +92,7 @@ def test_a_draining_leases_name_is_not_given_to_the_next(tmp_path: Path) -> None
         assert first.lease.state is LeaseState.DRAINING
         assert "0" not in store.fds, "its fds left the store"
         second = w.acquire(BOB, devices=("0000:02:01.0", "0000:02:02.0"))
-        assert second.lease.named == ("1",)
+        assert second.lease.stored == ("1",)
         close_all(second.fds)
         die(w.broker)  # a restart while the first still drains
         again = restarted(w, store)

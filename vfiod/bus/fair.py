@@ -13,8 +13,12 @@ Release cycles from ending within 300 s, and vfiod from stopping.
 FairLoop hands every callback that is an SdBus's ``process`` (on the bus's
 fd, its timer fd, and call_soon) to a FairDriver instead, which dispatches at
 most BATCH messages, then lets the loop run what is ready before it goes
-on. Once nothing is queued it calls ``process`` itself, which finds nothing
-either and updates sdbus's watchers, as after every call.
+on. Once nothing is queued it calls ``process`` itself, for sdbus to update
+its watchers (only ``process`` does, and the write queue and the timer need
+them). That ``process`` still runs until nothing is queued: a message that
+arrives between the two is dispatched by it, and should a flood keep the
+queue from ever emptying from then on, it would hold the loop again.
+Updating the watchers without it needs sdbus's help (not in 0.14.3).
 """
 
 from __future__ import annotations

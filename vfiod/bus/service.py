@@ -495,8 +495,7 @@ class BusService:
         leases = []
         for lease_id, exported in self.leases.items():
             lease = self.broker.leases.get(lease_id)
-            yours = lease is not None and uid in (0, lease.caller.uid)
-            details = _details(lease) if lease is not None and yours else {}
+            details = _details(lease) if lease is not None and uid in (0, lease.caller.uid) else {}
             leases.append(lease_row(exported.path, exported.obj.view, details))
         return (
             [device_row(path, view) for path, view in device_tree.items()],
