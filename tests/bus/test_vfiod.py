@@ -45,6 +45,15 @@ companions = true
 
 NIC_PATH = "/org/vfiod1/device/0000_00_10_0"
 
+# After CLIENT: hold a managed lease of argv[1] (labelled argv[2]) until a
+# line comes; vfiod keeps its own fds, and the lease follows this connection.
+HOLD_LEASE = """\
+lease = vfiod.acquire([sys.argv[1]], managed=True, label=(sys.argv[2:] or [""])[0])
+lease.close()
+say(lease.path)
+sys.stdin.readline()
+"""
+
 
 def root_client(bus: PrivateBus) -> Client:
     return Client(bus.connect())
@@ -370,15 +379,7 @@ def test_get_inventory_is_the_object_manager_in_rows(vfiod: VfiodProcess, nobody
     with root_client(vfiod.bus) as root:
         mine = root.acquire([str(E1000_A)], managed=True, label="root's")
         mine.close()
-        held = nobody.spawn(
-            """\
-lease = vfiod.acquire([sys.argv[1]], managed=True, label="nobody's")
-lease.close()
-say(lease.path)
-sys.stdin.readline()
-""",
-            str(NIC),
-        )
+        held = nobody.spawn(HOLD_LEASE, str(NIC), "nobody's")
         try:
             theirs = held.read()
             seen = {
@@ -447,15 +448,7 @@ def test_reload_revokes_and_stop_restores(
     private_bus: PrivateBus, tmp_path: Path, nobody: Clients
 ) -> None:
     with run_vfiod(private_bus, tmp_path / "vfiod", POLICY) as daemon:
-        client = nobody.spawn(
-            """\
-lease = vfiod.acquire([sys.argv[1]], managed=True)
-lease.close()
-say(lease.path)
-sys.stdin.readline()
-""",
-            str(NIC),
-        )
+        client = nobody.spawn(HOLD_LEASE, str(NIC))
         try:
             lease_path = client.read()
             policy = daemon.policy_file

@@ -21,28 +21,42 @@ backends = ["iommufd"]
 max-locked-memory = "16M"
 """
 
-USE_IOMMUFD_FDS = """\
-from vfiod.vfio import CdevDevice, DmaMapping, IommuFd, LinuxKernel
-kernel = LinuxKernel()
-out = {"legacy": failure(vfiod.acquire, [sys.argv[1]], managed=True, backend="legacy")}
-lease = vfiod.acquire([sys.argv[1]], managed=True, backend="iommufd")
-out["fds"] = sorted(lease.fds)
+# After CLIENT and a `lease` of argv[1]: what a VMM does with its iommufd and
+# cdev (bind, allocate an IOAS, attach), and the end of it all.
+BIND_AND_ATTACH = """\
 iommufd = IommuFd(kernel, lease.fds.pop("iommufd"), "/dev/iommu")
 device = CdevDevice(kernel, lease.fds.pop("device:" + sys.argv[1]), "cdev", sys.argv[1])
-out["devid"] = device.bind(iommufd)
+devid = device.bind(iommufd)
 ioas = iommufd.alloc_ioas()
 device.attach(ioas)
-out["ids"] = [device.vendor_id, device.device_id]
-memfd = os.memfd_create("guest-ram")
-os.ftruncate(memfd, 2 << 20)
-with DmaMapping.map_memfd(kernel, ioas, memfd, 0, 2 << 20, iova=0) as mapping:
-    out["iova"] = mapping.iova
+"""
+CLOSE_AND_RELEASE = """\
 os.close(memfd)
 device.close()
 iommufd.close()
 vfiod.release(lease)
 say(out)
 """
+
+USE_IOMMUFD_FDS = (
+    """\
+from vfiod.vfio import CdevDevice, DmaMapping, IommuFd, LinuxKernel
+kernel = LinuxKernel()
+out = {"legacy": failure(vfiod.acquire, [sys.argv[1]], managed=True, backend="legacy")}
+lease = vfiod.acquire([sys.argv[1]], managed=True, backend="iommufd")
+out["fds"] = sorted(lease.fds)
+"""
+    + BIND_AND_ATTACH
+    + """\
+out["devid"] = devid
+out["ids"] = [device.vendor_id, device.device_id]
+memfd = os.memfd_create("guest-ram")
+os.ftruncate(memfd, 2 << 20)
+with DmaMapping.map_memfd(kernel, ioas, memfd, 0, 2 << 20, iova=0) as mapping:
+    out["iova"] = mapping.iova
+"""
+    + CLOSE_AND_RELEASE
+)
 
 
 def test_iommufd_fds_bind_attach_and_map(vfiod: VfiodProcess, bus: PrivateBus) -> None:
@@ -61,7 +75,8 @@ def test_iommufd_fds_bind_attach_and_map(vfiod: VfiodProcess, bus: PrivateBus) -
 # As a VMM that gives its own pidfd: vfiod raises its RLIMIT_MEMLOCK to the
 # rule's 16 MiB and sets the iommufd to count pins per process, so the
 # client pins 16 MiB (its VmLck says so) and no more.
-PIN_TO_THE_LIMIT = """\
+PIN_TO_THE_LIMIT = (
+    """\
 import resource
 from vfiod.vfio import CdevDevice, DmaMapping, IommuFd, LinuxKernel, VfioError
 kernel = LinuxKernel()
@@ -70,12 +85,10 @@ pidfd = os.pidfd_open(os.getpid())
 lease = vfiod.acquire([sys.argv[1]], managed=True, backend="iommufd", owner_pidfd=pidfd)
 os.close(pidfd)
 out["memlock"] = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-iommufd = IommuFd(kernel, lease.fds.pop("iommufd"), "/dev/iommu")
+"""
+    + BIND_AND_ATTACH
+    + """\
 out["mode"] = iommufd.rlimit_mode
-device = CdevDevice(kernel, lease.fds.pop("device:" + sys.argv[1]), "cdev", sys.argv[1])
-device.bind(iommufd)
-ioas = iommufd.alloc_ioas()
-device.attach(ioas)
 memfd = os.memfd_create("guest-ram")
 os.ftruncate(memfd, 32 << 20)
 
@@ -91,12 +104,9 @@ with DmaMapping.map_memfd(kernel, ioas, memfd, 0, 16 << 20, iova=0):
     except VfioError as e:
         out["beyond"] = [e.errno, str(e)]
 out["after"] = locked_kib()
-os.close(memfd)
-device.close()
-iommufd.close()
-vfiod.release(lease)
-say(out)
 """
+    + CLOSE_AND_RELEASE
+)
 
 
 def test_pins_count_against_the_clients_own_limit(vfiod: VfiodProcess, bus: PrivateBus) -> None:
