@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import difflib
 import errno
@@ -55,6 +56,7 @@ from vfiod.client import (
     VfiodError,
     lease_path,
 )
+from vfiod.hotplug import UNPLUG_TIMEOUT, HotplugError
 from vfiod.pci import AddressError, PciAddress
 from vfiod.reasons import Reason
 from vfiod.report import table
@@ -937,6 +939,65 @@ def _released_anyway(lease: Lease) -> Iterator[None]:
         say(f"releasing lease {lease.id} failed ({e.message}); it ends as vfioctl exits")
 
 
+# -- hot attach and detach over QMP
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    (address,) = _addresses([args.device])
+    if args.backend == "legacy":
+        raise UsageError(
+            "QEMU takes a device fd only with the iommufd backend (it opens legacy "
+            "groups by path itself): use --backend iommufd"
+        )
+    moves = _Moves()
+    with connect() as client:
+        try:
+            attached = client.attach(
+                args.qmp,
+                address,
+                device_id=args.id,
+                bus=args.bus,
+                managed=args.managed,
+                unsafe_noiommu=args.unsafe_noiommu,
+                label=args.label,
+                acquire_timeout=args.timeout,
+                moves=moves,
+                say=say,
+            )
+        except HotplugError as e:
+            raise CommandFailedError(str(e)) from None
+    if args.json:
+        print_json(dataclasses.asdict(attached))
+    else:
+        where = f" at guest {attached.guest_address}" if attached.guest_address else ""
+        print(
+            f"{attached.device} is in QEMU pid {attached.qemu_pid} as {attached.id}{where}, "
+            f"lease {lease_id(attached.lease)}"
+        )
+        say(
+            f"the lease ends when that QEMU exits; detach with `{PROG} detach --qmp "
+            f"{args.qmp} --id {attached.id}`"
+        )
+    return EXIT_OK
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    with connect() as client:
+        try:
+            detached = client.detach(args.qmp, args.id, timeout=args.timeout, say=say)
+        except HotplugError as e:
+            raise CommandFailedError(str(e)) from None
+    if args.json:
+        print_json(dataclasses.asdict(detached))
+    else:
+        ended = "released" if detached.released else "had ended already"
+        print(
+            f"{detached.id} is out of QEMU pid {detached.qemu_pid}; lease "
+            f"{lease_id(detached.lease)} {ended}"
+        )
+    return EXIT_OK
+
+
 # -- the command line
 
 
@@ -1115,6 +1176,56 @@ def parser() -> argparse.ArgumentParser:
     cmd.set_defaults(label=None)
     cmd.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER)
     cmd.set_defaults(func=cmd_run)
+
+    cmd = sub.add_parser(
+        "attach",
+        help="lease a device and hot-add it to a running QEMU over QMP",
+        description="Lease the device's IOMMU group for the QEMU that listens on the QMP "
+        "socket (QEMU >= 9, -qmp unix:PATH,server=on,wait=off) and hot-add it as vfio-pci "
+        "with an iommufd: the fds go to QEMU with getfd, then object-add iommufd and "
+        "device_add. The lease follows that QEMU process (the socket's peer), so it ends "
+        "when QEMU exits, after vfioctl has gone. If QEMU refuses (an id in use, no free "
+        "hotplug slot), everything is undone and QEMU's words are shown.",
+    )
+    cmd.add_argument("--qmp", metavar="SOCKET", required=True, help="QEMU's QMP socket")
+    cmd.add_argument("--device", metavar="ADDRESS", required=True, help="the host device")
+    cmd.add_argument(
+        "--id", metavar="NAME", help="QEMU's id for the device (default: vfio-0000_BB_DD_F)"
+    )
+    cmd.add_argument(
+        "--bus", metavar="BUS", help="QEMU's bus for it, e.g. a free pcie-root-port's id"
+    )
+    cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    _request_arguments(cmd)
+    cmd.add_argument("--label", help="a name for the lease (default: QEMU's -name)")
+    cmd.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=ACQUIRE_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long vfiod may take to move the device (default: {ACQUIRE_TIMEOUT:g})",
+    )
+    cmd.set_defaults(func=cmd_attach)
+
+    cmd = sub.add_parser(
+        "detach",
+        help="hot-remove a device `attach` added, and release its lease",
+        description="Unplug the device from QEMU (device_del), wait for the guest to let "
+        "go of it (DEVICE_DELETED), delete its iommufd object and release the lease: vfiod "
+        "gives the device back to its driver. A guest that does not let go in time leaves "
+        "the device in the VM and the lease in place.",
+    )
+    cmd.add_argument("--qmp", metavar="SOCKET", required=True, help="QEMU's QMP socket")
+    cmd.add_argument("--id", metavar="NAME", required=True, help="QEMU's id for the device")
+    cmd.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=UNPLUG_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long the guest gets to let go (default: {UNPLUG_TIMEOUT:g})",
+    )
+    cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    cmd.set_defaults(func=cmd_detach)
     return p
 
 

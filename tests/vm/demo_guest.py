@@ -46,13 +46,13 @@ from tests.bus.vfiod import VfiodProcess
 from tests.vm.topology import E1000E, E1000E_IDS, ICH9_SATA
 from tests.vm.vmm import (
     QemuNotFoundError,
-    Qmp,
     find_qemu,
     parse_query_pci,
     privilege_drop,
     probe_argv,
 )
 from vfiod.pci import PciAddress
+from vfiod.qmp import Qmp
 from vfiod.vfio import LinuxKernel
 from vfiod.vfio.device import Device
 
@@ -485,7 +485,7 @@ def qemu_story(shell: Shell, daemon: VfiodProcess) -> None:
 def qemu_session(shell: Shell, daemon: VfiodProcess, vfioctl: Streamed, qmp_path: Path) -> None:
     with qmp_socket(qmp_path, vfioctl, QEMU_READY_TIMEOUT) as sock:
         qmp = Qmp(sock)
-        qmp.connect(timeout=60)
+        qmp.negotiate(timeout=60)
         heading("QEMU's own view of its guest, over QMP: the e1000e is there as 8086:10d3")
         out("qmp> query-pci")
         devices = parse_query_pci(qmp.execute("query-pci"))

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import re
 import resource
 import shutil
@@ -74,6 +73,7 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from vfiod.cli import substitute
+from vfiod.qmp import Qmp, QmpProtocolError
 
 QEMU = "qemu-system-x86_64"
 MiB = 1 << 20
@@ -122,16 +122,6 @@ class QemuError(Exception):
         if output.strip():
             text += "\nQEMU said:\n" + output.strip()
         super().__init__(text)
-
-
-class QmpError(QemuError):
-    """A QMP command answered ``{"error": {"class": ..., "desc": ...}}``."""
-
-    def __init__(self, command: str, error_class: str, desc: str) -> None:
-        self.command = command
-        self.error_class = error_class
-        self.desc = desc
-        super().__init__(f"QMP {command} failed: {error_class}: {desc}")
 
 
 class QemuNotFoundError(Exception):
@@ -314,76 +304,6 @@ def parse_query_pci(buses: Any) -> list[PciFunction]:
     return found
 
 
-class Qmp:
-    """A minimal QMP client: JSON lines over a connected socket.
-
-    ``execute`` sends a command with an id and returns its ``return`` value,
-    keeping the asynchronous events that arrive meanwhile in ``events``; an
-    ``error`` answer raises QmpError; end of file raises ConnectionError and a
-    silent QEMU TimeoutError."""
-
-    def __init__(self, sock: socket.socket, *, progress: Progress = _quiet) -> None:
-        self.sock = sock
-        self.progress = progress
-        self.greeting: dict[str, Any] = {}
-        self.events: list[dict[str, Any]] = []
-        self._buffer = bytearray()
-        self._next_id = 0
-
-    def _message(self, deadline: float) -> dict[str, Any]:
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("QEMU did not answer on QMP in time")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                continue  # the loop reports it
-            if not chunk:
-                raise ConnectionError("QEMU closed the QMP connection")
-            self._buffer += chunk
-        line, _, rest = bytes(self._buffer).partition(b"\n")
-        self._buffer[:] = rest
-        message = json.loads(line)
-        if not isinstance(message, dict):
-            raise QemuError(f"QMP sent something that is not an object: {line!r}")
-        return message
-
-    def connect(self, timeout: float) -> str:
-        """Read the greeting and leave capabilities negotiation; return QEMU's version."""
-        greeting = self._message(time.monotonic() + timeout)
-        if "QMP" not in greeting:
-            raise QemuError(f"expected the QMP greeting, got {greeting}")
-        self.greeting = greeting
-        self.execute("qmp_capabilities", timeout=timeout)
-        version = greeting["QMP"].get("version", {}).get("qemu", {})
-        return "{major}.{minor}.{micro}".format(**version) if version else "?"
-
-    def execute(
-        self, command: str, arguments: Mapping[str, Any] | None = None, *, timeout: float = 30.0
-    ) -> Any:
-        self._next_id += 1
-        request: dict[str, Any] = {"execute": command, "id": f"vfiod-{self._next_id}"}
-        if arguments:
-            request["arguments"] = dict(arguments)
-        self.sock.settimeout(timeout)
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
-        deadline = time.monotonic() + timeout
-        while True:
-            message = self._message(deadline)
-            if "event" in message:
-                self.events.append(message)
-                self.progress(f"QMP event {message['event']}")
-                continue
-            if message.get("id") != request["id"]:
-                continue  # an answer to an earlier command that timed out
-            if "error" in message:
-                error = message["error"]
-                raise QmpError(command, error.get("class", "?"), error.get("desc", ""))
-            return message.get("return")
-
-
 class QemuVmm:
     """One QEMU process with VFIO fds inherited and QMP on a socketpair.
 
@@ -517,9 +437,9 @@ class QemuVmm:
         self.qmp = Qmp(self._sock, progress=self.progress)
         started = time.monotonic()
         try:
-            self.version = self.qmp.connect(self.timeout)
+            self.version = self.qmp.negotiate(self.timeout)
             self.info = ProcessInfo.read(self.process.pid)
-        except (ConnectionError, TimeoutError, FileNotFoundError) as e:
+        except (ConnectionError, TimeoutError, FileNotFoundError, QmpProtocolError) as e:
             raise self._failure(e) from e
         self.progress(
             f"QMP connected after {time.monotonic() - started:.1f} s: QEMU {self.version}, "

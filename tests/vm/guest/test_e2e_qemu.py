@@ -22,7 +22,8 @@ import pytest
 from tests.bus import NOBODY, PrivateBus
 from tests.bus.vfiod import Clients, Spawned, VfiodProcess
 from tests.vm.topology import E1000E, E1000E_IDS
-from tests.vm.vmm import QemuNotFoundError, Qmp, find_qemu, parse_query_pci, probe_argv
+from tests.vm.vmm import QemuNotFoundError, find_qemu, parse_query_pci, probe_argv
+from vfiod.qmp import Qmp
 
 POLICY = f"""
 [[rule]]
@@ -94,7 +95,7 @@ def test_vfioctl_run_gives_qemu_its_device(
     try:
         with _wait_for_socket(qmp_path, vfioctl, timeout=180) as sock:
             qmp = Qmp(sock)
-            qmp.connect(timeout=60)
+            qmp.negotiate(timeout=60)
             devices = parse_query_pci(qmp.execute("query-pci"))
             passed = [d for d in devices if d.ids == E1000E_IDS]
             assert passed, f"QEMU's guest has no 8086:10d3: {[str(d) for d in devices]}"
