@@ -7,22 +7,12 @@ The way through, into a real guest, is the VM tests' (test_hotplug_qemu.py).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import subprocess
-import tempfile
-import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-
-import pytest
 
 from tests.bus import NOBODY, PrivateBus, RunResult
 from tests.bus.vfiod import VfiodProcess
 from tests.fakehost import NIC
-from tests.vm.vmm import QemuNotFoundError, find_qemu, privilege_drop, probe_argv
-from vfiod import qmp
+from tests.vm.vmm import socket_qemu
 
 POLICY = """
 [[rule]]
@@ -47,78 +37,15 @@ ROOT_PORTS = [
 ]
 
 
-class Qemu:
-    """A paused QEMU with QMP on a unix socket it made itself (so the
-    socket's peer is QEMU), as ``uid``; killed and reaped on exit."""
-
-    def __init__(self, socket_path: Path, process: subprocess.Popen[bytes]) -> None:
-        self.socket = socket_path
-        self.process = process
-
-    def fds(self) -> list[str]:
-        """What QEMU's fds are (the fake kernel's memfds name their node)."""
-        fd_dir = f"/proc/{self.process.pid}/fd"
-        found = []
-        for name in os.listdir(fd_dir):
-            with contextlib.suppress(FileNotFoundError):
-                found.append(os.readlink(f"{fd_dir}/{name}"))
-        return found
-
-    def execute(self, command: str, **arguments: object) -> object:
-        with qmp.connect(str(self.socket), 30) as sock:
-            session = qmp.Qmp(sock)
-            session.negotiate(30)
-            return session.execute(command, arguments)
-
-    def peripherals(self) -> set[str]:
-        found = self.execute("qom-list", path="/machine/peripheral")
-        assert isinstance(found, list)
-        return {e["name"] for e in found if e["type"].startswith("child<")}
-
-
-@contextlib.contextmanager
-def running_qemu(extra: Sequence[str], uid: int | None = NOBODY) -> Iterator[Qemu]:
-    try:
-        binary, _version = find_qemu()
-    except QemuNotFoundError as e:
-        pytest.fail(str(e))  # `make deps` installs it
-    rundir = Path(tempfile.mkdtemp(prefix="vfiod-hotplug-"))
-    process = None
-    try:
-        os.chmod(rundir, 0o755)  # noqa: S103 - nobody reaches the socket in it
-        if uid is not None:
-            os.chown(rundir, uid, uid)
-        socket_path = rundir / "qmp.sock"
-        argv = probe_argv([*extra, "-qmp", f"unix:{socket_path},server=on,wait=off"], binary=binary)
-        process = subprocess.Popen(
-            [*privilege_drop(uid), *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd="/",
-        )
-        deadline = time.monotonic() + 60
-        while not socket_path.exists():
-            assert process.poll() is None, f"QEMU exited with {process.returncode}"
-            assert time.monotonic() < deadline, "QEMU made no QMP socket in 60 s"
-            time.sleep(0.05)
-        yield Qemu(socket_path, process)
-    finally:
-        if process is not None:
-            process.kill()
-            process.wait()
-        shutil.rmtree(rundir)
-
-
 def vfioctl(bus: PrivateBus, *args: str) -> RunResult:
     return bus.run_as(module="vfiod.cli", args=args, timeout=120)
 
 
 def test_attach_that_qemu_refuses_is_undone(vfiod: VfiodProcess) -> None:
-    with running_qemu(ROOT_PORTS) as qemu:
+    with socket_qemu(ROOT_PORTS, uid=NOBODY) as qemu:
         before = [fd for fd in qemu.fds() if "vfio-fake" in fd]
         ran = vfioctl(
-            vfiod.bus, "attach", "--qmp", str(qemu.socket), "--device", "00:10.0",
+            vfiod.bus, "attach", "--qmp", qemu.socket, "--device", "00:10.0",
             "--managed", "--bus", "rp0",
         )  # fmt: skip
         assert ran.returncode == 1, ran
@@ -141,9 +68,9 @@ def test_attach_that_qemu_refuses_is_undone(vfiod: VfiodProcess) -> None:
 
 
 def test_attach_to_an_occupied_slot_says_so(vfiod: VfiodProcess) -> None:
-    with running_qemu(ROOT_PORTS) as qemu:
+    with socket_qemu(ROOT_PORTS, uid=NOBODY) as qemu:
         ran = vfioctl(
-            vfiod.bus, "attach", "--qmp", str(qemu.socket), "--device", "0000:00:10.0",
+            vfiod.bus, "attach", "--qmp", qemu.socket, "--device", "0000:00:10.0",
             "--managed", "--bus", "rp1", "--id", "nic0",
         )  # fmt: skip
         assert ran.returncode == 1, ran
@@ -154,9 +81,9 @@ def test_attach_to_an_occupied_slot_says_so(vfiod: VfiodProcess) -> None:
 
 
 def test_attach_with_an_id_in_use_changes_nothing(vfiod: VfiodProcess) -> None:
-    with running_qemu(ROOT_PORTS) as qemu:
+    with socket_qemu(ROOT_PORTS, uid=NOBODY) as qemu:
         ran = vfioctl(
-            vfiod.bus, "attach", "--qmp", str(qemu.socket), "--device", "00:10.0",
+            vfiod.bus, "attach", "--qmp", qemu.socket, "--device", "00:10.0",
             "--managed", "--id", "testdev",
         )  # fmt: skip
         assert ran.returncode == 1, ran
@@ -169,11 +96,9 @@ def test_attach_with_an_id_in_use_changes_nothing(vfiod: VfiodProcess) -> None:
 def test_attach_to_another_users_qemu_is_refused(vfiod: VfiodProcess) -> None:
     """nobody may reach root's QMP socket (made world-writable here), but
     vfiod does not lease a device to a process of another uid."""
-    with running_qemu(ROOT_PORTS, uid=None) as qemu:
+    with socket_qemu(ROOT_PORTS, uid=None) as qemu:
         os.chmod(qemu.socket, 0o777)  # noqa: S103 - the point of the test
-        ran = vfioctl(
-            vfiod.bus, "attach", "--qmp", str(qemu.socket), "--device", "00:10.0", "--managed"
-        )
+        ran = vfioctl(vfiod.bus, "attach", "--qmp", qemu.socket, "--device", "00:10.0", "--managed")
         assert ran.returncode == 1, ran
         assert "owner-pidfd names pid " in ran.stderr
         assert f"pid {qemu.process.pid} of uid 0, not one of yours (uid {NOBODY})" in ran.stderr
@@ -197,11 +122,11 @@ def test_attach_refusals_before_anything_moves(vfiod: VfiodProcess) -> None:
 
 
 def test_detach_refuses_what_vfiod_did_not_attach(vfiod: VfiodProcess) -> None:
-    with running_qemu(ROOT_PORTS) as qemu:
-        unknown = vfioctl(vfiod.bus, "detach", "--qmp", str(qemu.socket), "--id", "nic9")
+    with socket_qemu(ROOT_PORTS, uid=NOBODY) as qemu:
+        unknown = vfioctl(vfiod.bus, "detach", "--qmp", qemu.socket, "--id", "nic9")
         assert unknown.returncode == 1
         assert f"QEMU (pid {qemu.process.pid}) has no device 'nic9'" in unknown.stderr
-        port = vfioctl(vfiod.bus, "detach", "--qmp", str(qemu.socket), "--id", "rp0")
+        port = vfioctl(vfiod.bus, "detach", "--qmp", qemu.socket, "--id", "rp0")
         assert port.returncode == 1
         assert "QEMU's device 'rp0' is not a vfio-pci device on an iommufd" in port.stderr
         assert qemu.peripherals() == {"rp0", "rp1", "testdev"}

@@ -123,6 +123,7 @@ BOOTS = (
             "test_vmm.py",
             "test_broker_iommufd.py",
             "test_e2e_qemu.py",
+            "test_hotplug_qemu.py",
             "test_vfiod_systemd.py",
         ),
         installed=True,

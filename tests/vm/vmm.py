@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import resource
 import shutil
@@ -68,12 +69,13 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import IO, Any, Self
 
 from vfiod.cli import substitute
 from vfiod.qmp import Qmp, QmpProtocolError
+from vfiod.qmp import connect as qmp_connect
 
 QEMU = "qemu-system-x86_64"
 MiB = 1 << 20
@@ -574,3 +576,110 @@ def run_qemu(
             returncode=returncode,
             seconds=seconds,
         )
+
+
+class SocketQemu:
+    """A QEMU with QMP on a unix socket it made itself, so that the socket's
+    peer (``SO_PEERCRED``) is QEMU, as a manager's QEMU has it: what ``vfioctl
+    attach`` needs. Each ``execute`` is a connection of its own, as QEMU
+    serves one QMP client at a time."""
+
+    def __init__(self, socket_path: str, process: subprocess.Popen[bytes], log: IO[bytes]) -> None:
+        self.socket = socket_path
+        self.process = process
+        self._log = log
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def fds(self) -> list[str]:
+        """What QEMU's open fds are."""
+        fd_dir = f"/proc/{self.process.pid}/fd"
+        found = []
+        for name in os.listdir(fd_dir):
+            with contextlib.suppress(FileNotFoundError):
+                found.append(os.readlink(f"{fd_dir}/{name}"))
+        return found
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        with qmp_connect(self.socket, 30) as sock:
+            session = Qmp(sock)
+            session.negotiate(30)
+            return session.execute(command, arguments)
+
+    def peripherals(self) -> set[str]:
+        """The ids of the devices given one (-device id=, device_add id=)."""
+        found = self.execute("qom-list", path="/machine/peripheral")
+        return {e["name"] for e in found if e["type"].startswith("child<")}
+
+    def query_pci(self) -> list[PciFunction]:
+        return parse_query_pci(self.execute("query-pci"))
+
+    def wait_for_bus_numbers(self, bridge: str, timeout: float = 60.0) -> None:
+        """Until the firmware has given ``bridge`` (a root port's id) its
+        secondary bus number: before that, query-pci cannot see behind it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for bus in self.execute("query-pci"):
+                for d in bus["devices"]:
+                    if d.get("qdev_id") == bridge and d["pci_bridge"]["bus"]["secondary"]:
+                        return
+            if time.monotonic() > deadline:
+                raise QemuError(f"the firmware numbered no bus behind {bridge} in {timeout:g} s")
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def socket_qemu(
+    extra: Sequence[str],
+    *,
+    uid: int | None,
+    paused: bool = True,
+    memory_mib: int = 64,
+    timeout: float = 60.0,
+    progress: Progress = _quiet,
+) -> Iterator[SocketQemu]:
+    """QEMU (``probe_argv`` with ``extra``) as ``uid`` (None: root) with its
+    QMP socket in a directory of that user's; killed, reaped and cleaned up
+    afterwards. ``paused=False`` lets the firmware run (there is nothing to
+    boot): it numbers the buses behind bridges, as a guest's firmware does."""
+    binary, version = find_qemu()
+    rundir = tempfile.mkdtemp(prefix="vfiod-qemu-")
+    process = None
+    with tempfile.TemporaryFile(prefix="vfiod-qemu-") as log:
+        try:
+            os.chmod(rundir, 0o755)  # noqa: S103 - only the socket's user may write
+            if uid is not None:
+                os.chown(rundir, uid, uid)
+            path = os.path.join(rundir, "qmp.sock")
+            argv = probe_argv(
+                [*extra, "-qmp", f"unix:{path},server=on,wait=off"],
+                memory_mib=memory_mib,
+                binary=binary,
+            )
+            if not paused:
+                argv.remove("-S")
+            who = "root" if uid is None else f"uid {uid}"
+            progress(f"starting QEMU {version} as {who}: {' '.join(argv)}")
+            process = subprocess.Popen(
+                [*privilege_drop(uid), *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+            )
+            deadline = time.monotonic() + timeout
+            while not os.path.exists(path):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise QemuError(
+                        "QEMU made no QMP socket", output=log.read().decode(errors="replace")
+                    )
+                time.sleep(0.05)
+            yield SocketQemu(path, process, log)
+        finally:
+            if process is not None:
+                process.kill()
+                process.wait()
+            shutil.rmtree(rundir)
