@@ -95,7 +95,7 @@ def _session(socket_path: str, timeout: float, say: Say) -> Any:
             f"{e.strerror}: give the QMP socket QEMU listens on (-qmp unix:PATH,server=on,wait=off)"
         ) from None
     with sock:
-        session = qmp.Qmp(sock, progress=say)
+        session = qmp.Qmp(sock)
         try:
             version = session.negotiate(timeout)
         except (ConnectionError, TimeoutError, qmp.QmpProtocolError) as e:

@@ -5,7 +5,9 @@ An admin lets nobody (uid 65534) have the e1000e; vfiod starts; nobody looks at
 the device, is refused another one, and runs a stock QEMU through `vfioctl
 run`, which gets the e1000e as an iommufd and a device cdev; QEMU's own QMP
 shows the device in its guest; when QEMU quits, the lease ends and the device
-is back on the e1000e driver. On a kernel without iommufd (Debian's), the lease is made
+is back on the e1000e driver. Then nobody's QEMU, already running, gets the
+device hot-added with `vfioctl attach` and taken out with `vfioctl detach`,
+and the device is back on e1000e again. On a kernel without iommufd (Debian's), the lease is made
 with `vfioctl acquire` on the legacy backend instead, and the device's vendor
 ID is read through the fd it returned.
 
@@ -53,6 +55,7 @@ from tests.vm.vmm import (
 )
 from vfiod.pci import PciAddress
 from vfiod.qmp import Qmp
+from vfiod.qmp import connect as qmp_connect
 from vfiod.vfio import LinuxKernel
 from vfiod.vfio.device import Device
 
@@ -516,6 +519,87 @@ def qemu_session(shell: Shell, daemon: VfiodProcess, vfioctl: Streamed, qmp_path
             qmp.execute("quit")
 
 
+# -- iommufd: the device hot-added to a running QEMU, and taken out again
+
+
+def hotplug_story(shell: Shell, daemon: VfiodProcess) -> None:
+    try:
+        qemu, version = find_qemu()
+    except QemuNotFoundError as e:
+        raise DemoError(str(e)) from None
+    rundir = Path(tempfile.mkdtemp(prefix="vfiod-demo-hotplug-"))
+    os.chown(rundir, NOBODY, NOBODY)
+    qmp_path = str(rundir / "qmp.sock")
+    # Native PCIe hotplug: with no OS in this VM, only it unplugs at once.
+    qemu_argv = [
+        arg
+        for arg in probe_argv(
+            [
+                "-name",
+                "demo-vm",
+                "-global",
+                "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+                "-device",
+                "pcie-root-port,id=rp0,chassis=1",
+                "-qmp",
+                f"unix:{qmp_path},server=on,wait=off",
+            ],
+            binary=os.path.basename(qemu),
+        )
+        if arg != "-S"  # its firmware runs and numbers the bus behind rp0
+    ]
+    heading(
+        f"As nobody: a running QEMU {version} with a free PCIe root port (its firmware "
+        "runs; nothing to boot)"
+    )
+    running = shell.start(qemu_argv, nobody=True)
+    try:
+        with qmp_socket(Path(qmp_path), running, QEMU_READY_TIMEOUT):
+            pass  # it is there; vfioctl makes its own connection
+        hot_attach_and_detach(shell, daemon, qmp_path, running.process.pid)
+    finally:
+        running.kill()
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _query_pci(qmp_path: str) -> list[str]:
+    """QEMU's guest, over our own QMP connection, as printed lines."""
+    with qmp_connect(qmp_path, 30) as sock:
+        session = Qmp(sock)
+        session.negotiate(30)
+        out("qmp> query-pci")
+        lines = [str(d) for d in parse_query_pci(session.execute("query-pci"))]
+    for line in lines:
+        out(line)
+    return lines
+
+
+def hot_attach_and_detach(shell: Shell, daemon: VfiodProcess, qmp_path: str, pid: int) -> None:
+    heading("As nobody: `vfioctl attach` leases the e1000e for that QEMU and hot-adds it")
+    shell.run(
+        ["vfioctl", "attach", "--qmp", qmp_path, "--device", E1000E, "--managed", "--bus", "rp0"],
+        nobody=True,
+        timeout=180,
+    )
+    leases = daemon.state().get("leases", {})
+    expect(len(leases) == 1, f"vfiod holds {len(leases)} leases, not 1")
+    (lease,) = leases.values()
+    expect(lease["owner_pid"] == pid, f"the lease follows pid {lease['owner_pid']}, not QEMU {pid}")
+    remark(f"vfioctl has exited; the lease follows QEMU (pid {pid}), not vfioctl")
+    heading("QEMU's guest, over QMP: the e1000e behind the root port")
+    lines = _query_pci(qmp_path)
+    ids = f"{E1000E_IDS[0]:04x}:{E1000E_IDS[1]:04x}"
+    expect(any(ids in line and "(id vfio-" in line for line in lines), f"no {ids} in QEMU")
+    heading("As nobody: `vfioctl detach` unplugs it, and vfiod gives the e1000e back")
+    shell.run(
+        ["vfioctl", "detach", "--qmp", qmp_path, "--id", "vfio-0000_00_10_0"],
+        nobody=True,
+        timeout=120,
+    )
+    lines = _query_pci(qmp_path)
+    expect(not any(ids in line for line in lines), f"{ids} is still in QEMU")
+
+
 # -- legacy: `vfioctl acquire`, and the device read through its fd
 
 
@@ -596,6 +680,8 @@ def main() -> int:
                 nobody_looks(shell, backend)
                 if iommufd:
                     qemu_story(shell, daemon)
+                    lease_ends(shell, daemon)
+                    hotplug_story(shell, daemon)
                 else:
                     legacy_story(shell, daemon)
                 lease_ends(shell, daemon)
