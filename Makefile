@@ -31,11 +31,13 @@ $(STAMP)/deps: scripts/install-deps.sh
 
 # The project's virtualenv with the package (editable) and its test and VM extras.
 venv: $(STAMP)/venv
-$(STAMP)/venv: setup.cfg pyproject.toml | $(STAMP)/deps
+$(STAMP)/venv: setup.cfg pyproject.toml $(STAMP)/deps
 	@mkdir -p $(STAMP)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,vm,journal]'
+	# libvirt's binding must not be newer than the libvirt it builds against.
+	$(PY) -m pip install -q "libvirt-python==$$(pkg-config --modversion libvirt)"
 	@touch $@
 
 test: venv deps
@@ -80,6 +82,10 @@ install-venv:
 	"$(PYTHON)" -m venv "$(DESTDIR)$(LIBDIR)"
 	"$(DESTDIR)$(LIBDIR)/bin/python" -m pip install -q --upgrade pip
 	"$(DESTDIR)$(LIBDIR)/bin/python" -m pip install -q '.[journal]'
+	# For `vfioctl attach --libvirt`, where libvirt's headers are there to build it.
+	if pkg-config --exists libvirt; then \
+		"$(DESTDIR)$(LIBDIR)/bin/python" -m pip install -q "libvirt-python==$$(pkg-config --modversion libvirt)"; \
+	fi
 	# Scripts name their interpreter by its staged path: name the installed one
 	# (on line 1, or line 2 of pip's sh trampoline for a path with a space).
 	sed -i '1,3s|$(DESTDIR)/|/|' "$(DESTDIR)$(LIBDIR)/bin/vfiod" "$(DESTDIR)$(LIBDIR)/bin/vfioctl"

@@ -56,7 +56,7 @@ from vfiod.client import (
     VfiodError,
     lease_path,
 )
-from vfiod.hotplug import UNPLUG_TIMEOUT, HotplugError
+from vfiod.hotplug import UNPLUG_TIMEOUT, HotplugError, Monitor, check_id, qmp_monitor
 from vfiod.pci import AddressError, PciAddress
 from vfiod.reasons import Reason
 from vfiod.report import table
@@ -942,6 +942,19 @@ def _released_anyway(lease: Lease) -> Iterator[None]:
 # -- hot attach and detach over QMP
 
 
+def _monitor(args: argparse.Namespace) -> contextlib.AbstractContextManager[Monitor]:
+    """QMP to the QEMU the arguments name: its socket, or a libvirt domain."""
+    if args.libvirt is not None:
+        if args.domain is None:
+            raise UsageError("--libvirt needs --domain NAME: the running domain to change")
+        from vfiod.libvirt_monitor import domain_monitor  # noqa: PLC0415 - optional libvirt
+
+        return domain_monitor(args.libvirt, args.domain)
+    if args.domain is not None:
+        raise UsageError("--domain goes with --libvirt URI")
+    return qmp_monitor(args.qmp)
+
+
 def cmd_attach(args: argparse.Namespace) -> int:
     (address,) = _addresses([args.device])
     if args.backend == "legacy":
@@ -952,18 +965,21 @@ def cmd_attach(args: argparse.Namespace) -> int:
     moves = _Moves()
     with connect() as client:
         try:
-            attached = client.attach(
-                args.qmp,
-                address,
-                device_id=args.id,
-                bus=args.bus,
-                managed=args.managed,
-                unsafe_noiommu=args.unsafe_noiommu,
-                label=args.label,
-                acquire_timeout=args.timeout,
-                moves=moves,
-                say=say,
-            )
+            if args.id is not None:
+                check_id(args.id)  # before anything is asked of QEMU or vfiod
+            with _monitor(args) as monitor:
+                attached = client.attach(
+                    monitor,
+                    address,
+                    device_id=args.id,
+                    bus=args.bus,
+                    managed=args.managed,
+                    unsafe_noiommu=args.unsafe_noiommu,
+                    label=args.label,
+                    acquire_timeout=args.timeout,
+                    moves=moves,
+                    say=say,
+                )
         except HotplugError as e:
             raise CommandFailedError(str(e)) from None
     if args.json:
@@ -974,9 +990,14 @@ def cmd_attach(args: argparse.Namespace) -> int:
             f"{attached.device} is in QEMU pid {attached.qemu_pid} as {attached.id}{where}, "
             f"lease {lease_id(attached.lease)}"
         )
+        target = (
+            f"--libvirt {args.libvirt} --domain {args.domain}"
+            if args.libvirt is not None
+            else f"--qmp {args.qmp}"
+        )
         say(
-            f"the lease ends when that QEMU exits; detach with `{PROG} detach --qmp "
-            f"{args.qmp} --id {attached.id}`"
+            f"the lease ends when that QEMU exits; detach with `{PROG} detach {target} "
+            f"--id {attached.id}`"
         )
     return EXIT_OK
 
@@ -984,7 +1005,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
 def cmd_detach(args: argparse.Namespace) -> int:
     with connect() as client:
         try:
-            detached = client.detach(args.qmp, args.id, timeout=args.timeout, say=say)
+            with _monitor(args) as monitor:
+                detached = client.detach(monitor, args.id, timeout=args.timeout, say=say)
         except HotplugError as e:
             raise CommandFailedError(str(e)) from None
     if args.json:
@@ -996,6 +1018,19 @@ def cmd_detach(args: argparse.Namespace) -> int:
             f"{lease_id(detached.lease)} {ended}"
         )
     return EXIT_OK
+
+
+def _qemu_arguments(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--qmp", metavar="SOCKET", help="the QMP socket QEMU listens on (-qmp unix:...)"
+    )
+    where.add_argument(
+        "--libvirt",
+        metavar="URI",
+        help="a libvirt connection (qemu:///session, qemu:///system) whose --domain to change",
+    )
+    p.add_argument("--domain", metavar="NAME", help="with --libvirt: the running domain")
 
 
 # -- the command line
@@ -1180,14 +1215,15 @@ def parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser(
         "attach",
         help="lease a device and hot-add it to a running QEMU over QMP",
-        description="Lease the device's IOMMU group for the QEMU that listens on the QMP "
-        "socket (QEMU >= 9, -qmp unix:PATH,server=on,wait=off) and hot-add it as vfio-pci "
+        description="Lease the device's IOMMU group for a running QEMU (>= 9): the one that "
+        "listens on the QMP socket (-qmp unix:PATH,server=on,wait=off), or a libvirt "
+        "domain's, reached through libvirt (libvirt >= 8.2) — and hot-add it as vfio-pci "
         "with an iommufd: the fds go to QEMU with getfd, then object-add iommufd and "
-        "device_add. The lease follows that QEMU process (the socket's peer), so it ends "
+        "device_add. The lease follows that QEMU process, so it ends "
         "when QEMU exits, after vfioctl has gone. If QEMU refuses (an id in use, no free "
         "hotplug slot), everything is undone and QEMU's words are shown.",
     )
-    cmd.add_argument("--qmp", metavar="SOCKET", required=True, help="QEMU's QMP socket")
+    _qemu_arguments(cmd)
     cmd.add_argument("--device", metavar="ADDRESS", required=True, help="the host device")
     cmd.add_argument(
         "--id", metavar="NAME", help="QEMU's id for the device (default: vfio-0000_BB_DD_F)"
@@ -1215,7 +1251,7 @@ def parser() -> argparse.ArgumentParser:
         "gives the device back to its driver. A guest that does not let go in time leaves "
         "the device in the VM and the lease in place.",
     )
-    cmd.add_argument("--qmp", metavar="SOCKET", required=True, help="QEMU's QMP socket")
+    _qemu_arguments(cmd)
     cmd.add_argument("--id", metavar="NAME", required=True, help="QEMU's id for the device")
     cmd.add_argument(
         "--timeout",

@@ -564,25 +564,35 @@ class Client:
     def unmap_dma(self, lease: Lease | str, iova: int, size: int) -> None:
         self._send(_call(self.bus, LEASE, "UnmapDma", "tt", iova, size, path=lease_path(lease)))
 
-    def attach(self, qmp_socket: str, device: str, **options: Any) -> hotplug.Attached:
-        """Lease ``device`` for the QEMU listening on QMP at ``qmp_socket`` and
-        hot-add it as vfio-pci (iommufd). The lease follows that QEMU process:
-        it ends when QEMU exits, whether or not this client is still there.
-        Options: device_id, bus, managed, unsafe_noiommu, label, acquire_timeout,
-        timeout, moves (device moves, as Progress), say (steps, as text).
-        Raises HotplugError with everything undone when QEMU refuses."""
+    def attach(self, qemu: str | hotplug.Monitor, device: str, **options: Any) -> hotplug.Attached:
+        """Lease ``device`` for a running QEMU and hot-add it as vfio-pci
+        (iommufd). ``qemu``: the QMP socket QEMU listens on, or a Monitor
+        (vfiod.libvirt_monitor.domain_monitor for a libvirt domain). The lease
+        follows that QEMU process: it ends when QEMU exits, whether or not
+        this client is still there. Options: device_id, bus, managed,
+        unsafe_noiommu, label, acquire_timeout, moves (device moves, as
+        Progress), say (steps, as text). Raises HotplugError with everything
+        undone when QEMU refuses."""
         from vfiod import hotplug  # noqa: PLC0415 - it builds on this module
 
-        return hotplug.attach(self, qmp_socket, device, **options)
+        if isinstance(qemu, str):
+            with hotplug.qmp_monitor(qemu) as monitor:
+                return hotplug.attach(self, monitor, device, **options)
+        return hotplug.attach(self, qemu, device, **options)
 
-    def detach(self, qmp_socket: str, device_id: str, **options: Any) -> hotplug.Detached:
-        """Unplug device ``device_id`` that ``attach`` put into that QEMU, wait for
-        the guest to let go (option timeout), delete its iommufd object and
-        release the lease. A guest that does not let go in time leaves the
+    def detach(
+        self, qemu: str | hotplug.Monitor, device_id: str, **options: Any
+    ) -> hotplug.Detached:
+        """Unplug device ``device_id`` that ``attach`` put into that QEMU, wait
+        for the guest to let go (option timeout), delete its iommufd object
+        and release the lease. A guest that does not let go in time leaves the
         device and the lease as they were (HotplugError)."""
         from vfiod import hotplug  # noqa: PLC0415 - it builds on this module
 
-        return hotplug.detach(self, qmp_socket, device_id, **options)
+        if isinstance(qemu, str):
+            with hotplug.qmp_monitor(qemu) as monitor:
+                return hotplug.detach(self, monitor, device_id, **options)
+        return hotplug.detach(self, qemu, device_id, **options)
 
     def close(self) -> None:
         self.bus.close()

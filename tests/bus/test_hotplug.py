@@ -12,6 +12,7 @@ import os
 from tests.bus import NOBODY, PrivateBus, RunResult
 from tests.bus.vfiod import VfiodProcess
 from tests.fakehost import NIC
+from tests.vm.libvirt_session import ROOT_PORT, URI, libvirt_session
 from tests.vm.vmm import socket_qemu
 
 POLICY = """
@@ -37,8 +38,8 @@ ROOT_PORTS = [
 ]
 
 
-def vfioctl(bus: PrivateBus, *args: str) -> RunResult:
-    return bus.run_as(module="vfiod.cli", args=args, timeout=120)
+def vfioctl(bus: PrivateBus, *args: str, env: dict[str, str] | None = None) -> RunResult:
+    return bus.run_as(module="vfiod.cli", args=args, env=env, timeout=120)
 
 
 def test_attach_that_qemu_refuses_is_undone(vfiod: VfiodProcess) -> None:
@@ -130,3 +131,42 @@ def test_detach_refuses_what_vfiod_did_not_attach(vfiod: VfiodProcess) -> None:
         assert port.returncode == 1
         assert "QEMU's device 'rp0' is not a vfio-pci device on an iommufd" in port.stderr
         assert qemu.peripherals() == {"rp0", "rp1", "testdev"}
+
+
+# -- through libvirt: nobody's own session daemon and domain
+
+
+def test_attach_through_libvirt_that_qemu_refuses_is_undone(vfiod: VfiodProcess) -> None:
+    with libvirt_session(NOBODY) as session:
+        pid = session.create("hotvm", paused=True)
+        ran = vfioctl(
+            vfiod.bus, "attach", "--libvirt", URI, "--domain", "hotvm", "--device", "00:10.0",
+            "--managed", "--bus", ROOT_PORT, env=session.env,
+        )  # fmt: skip
+        assert ran.returncode == 1, ran
+        assert f"vfioctl: QMP: QEMU 10.0.2, pid {pid}, uid {NOBODY}" in ran.stderr
+        assert "QEMU refused device_add: vfio " in ran.stderr
+        assert "Inappropriate ioctl for device" in ran.stderr
+        assert "moving 0000:00:10.0 from e1000e to vfio-pci" in ran.stderr
+        vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")
+        vfiod.wait_for(lambda: vfiod.state()["leases"] == {}, "the lease record going")
+        assert "vfio-0000_00_10_0" not in session.virsh(
+            "qemu-monitor-command", "hotvm", '{"execute": "qom-list", "arguments": '
+            '{"path": "/machine/peripheral"}}',
+        )  # fmt: skip
+        unknown = vfioctl(
+            vfiod.bus, "detach", "--libvirt", URI, "--domain", "hotvm", "--id", "nic9",
+            env=session.env,
+        )  # fmt: skip
+        assert unknown.returncode == 1
+        assert f"QEMU (pid {pid}) has no device 'nic9'" in unknown.stderr
+        missing = vfioctl(
+            vfiod.bus, "attach", "--libvirt", URI, "--domain", "nope", "--device", "00:10.0",
+            env=session.env,
+        )  # fmt: skip
+        assert missing.returncode == 1
+        assert "libvirt at qemu:///session: " in missing.stderr
+        assert "Domain not found" in missing.stderr
+        usage = vfioctl(vfiod.bus, "attach", "--libvirt", URI, "--device", "00:10.0")
+        assert usage.returncode == 2
+        assert "--libvirt needs --domain NAME" in usage.stderr

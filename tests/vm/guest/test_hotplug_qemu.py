@@ -2,7 +2,9 @@
 (nobody, paused, its QMP on a socket of its own) gets the e1000e from vfiod
 with `vfioctl attach`, run as nobody: bound to vfio-pci on the way, passed as
 an iommufd and a device cdev over QMP, realized by QEMU against the real
-kernel. `vfioctl detach` unplugs it and e1000e gets its driver back.
+kernel. `vfioctl detach` unplugs it and e1000e gets its driver back. The
+same through libvirt's session mode: nobody's own libvirtd and domain, with
+`vfioctl attach --libvirt qemu:///session --domain NAME`.
 
 Unplug needs the guest's consent. These QEMUs run their firmware only (it
 numbers the bus behind the root port, so query-pci sees the device there)
@@ -17,11 +19,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
+from typing import Any
 
 from tests.bus import NOBODY, PrivateBus, RunResult
 from tests.bus.vfiod import VfiodProcess
+from tests.vm.libvirt_session import ROOT_PORT as LIBVIRT_ROOT_PORT
+from tests.vm.libvirt_session import URI, LibvirtSession, libvirt_session
 from tests.vm.topology import E1000E, E1000E_IDS
-from tests.vm.vmm import SocketQemu, socket_qemu
+from tests.vm.vmm import SocketQemu, parse_query_pci, socket_qemu
 
 POLICY = f"""
 [[rule]]
@@ -39,9 +45,9 @@ NATIVE_HOTPLUG = ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"
 DEVICE_ID = "vfio-0000_00_10_0"
 
 
-def vfioctl(bus: PrivateBus, *args: str) -> RunResult:
-    """`vfioctl ARGS` as nobody, its steps shown as it goes."""
-    ran = bus.run_as(module="vfiod.cli", args=args, uid=NOBODY, timeout=300)
+def vfioctl(bus: PrivateBus, *args: str, env: dict[str, str] | None = None) -> RunResult:
+    """`vfioctl ARGS` as nobody; its steps are shown."""
+    ran = bus.run_as(module="vfiod.cli", args=args, uid=NOBODY, env=env, timeout=300)
     print(ran.stderr, end="")
     return ran
 
@@ -132,3 +138,61 @@ def test_a_detach_the_guest_never_acknowledges_leaves_everything(
         qemu.process.kill()
         qemu.process.wait()
         _back_on_e1000e(vfiod)
+
+
+# -- libvirt's session mode: nobody's own libvirtd and domain
+
+
+def _monitor(session: LibvirtSession, command: str, **arguments: Any) -> Any:
+    """A QMP command through `virsh qemu-monitor-command`, as the user would."""
+    request = json.dumps({"execute": command, "arguments": arguments})
+    return json.loads(session.virsh("qemu-monitor-command", "hotvm", request))["return"]
+
+
+def _in_domain(session: LibvirtSession) -> list[str]:
+    pci = parse_query_pci(_monitor(session, "query-pci"))
+    return [f.qdev_id for f in pci if f.ids == E1000E_IDS]
+
+
+def _attach_libvirt(bus: PrivateBus, session: LibvirtSession) -> dict[str, object]:
+    ran = vfioctl(
+        bus, "attach", "--libvirt", URI, "--domain", "hotvm", "--device", E1000E, "--managed",
+        "--bus", LIBVIRT_ROOT_PORT, "--json", env=session.env,
+    )  # fmt: skip
+    assert ran.returncode == 0, f"{ran}\nQEMU said:\n{session.log('hotvm')}"
+    attached: dict[str, object] = json.loads(ran.stdout)
+    return attached
+
+
+def test_libvirt_session_domain_gets_a_device_and_gives_it_back(
+    vfiod: VfiodProcess, bus: PrivateBus
+) -> None:
+    with libvirt_session(NOBODY) as session:
+        pid = session.create("hotvm", paused=True)
+        attached = _attach_libvirt(bus, session)
+        assert (attached["id"], attached["qemu_pid"]) == (DEVICE_ID, pid)
+        assert vfiod.driver(E1000E) == "vfio-pci"
+        _lease_id, lease = _lease(vfiod)
+        assert (lease["uid"], lease["label"], lease["owner_pid"]) == (NOBODY, "hotvm", pid)
+        peripherals = _monitor(session, "qom-list", path="/machine/peripheral")
+        assert DEVICE_ID in [p["name"] for p in peripherals]
+        # Running, its firmware numbers the root port's bus: query-pci sees behind it.
+        session.virsh("resume", "hotvm")
+        deadline = time.monotonic() + 60
+        while _in_domain(session) != [DEVICE_ID]:
+            assert time.monotonic() < deadline, _monitor(session, "query-pci")
+            time.sleep(0.5)
+
+        ran = vfioctl(
+            bus, "detach", "--libvirt", URI, "--domain", "hotvm", "--id", DEVICE_ID,
+            env=session.env,
+        )  # fmt: skip
+        assert ran.returncode == 0, ran
+        _back_on_e1000e(vfiod)
+        assert _in_domain(session) == []
+
+        # virsh destroy with the device in: the lease ends with that QEMU.
+        _attach_libvirt(bus, session)
+        session.virsh("destroy", "hotvm")
+        _back_on_e1000e(vfiod)
+    assert f"its owner process {pid} exited" in vfiod.log()
