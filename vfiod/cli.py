@@ -955,6 +955,22 @@ def _monitor(args: argparse.Namespace) -> contextlib.AbstractContextManager[Moni
     return qmp_monitor(args.qmp)
 
 
+@contextlib.contextmanager
+def _signals_stop() -> Iterator[None]:
+    """SIGTERM, SIGHUP and SIGQUIT stop what runs as ^C does, with an
+    exception, so that what it began is undone on the way out."""
+
+    def stop(signum: int, _frame: object) -> NoReturn:
+        raise _SignalledError(signum)
+
+    previous = {s: signal.signal(s, stop) for s in RELAYED if s != signal.SIGINT}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def cmd_attach(args: argparse.Namespace) -> int:
     (address,) = _addresses([args.device])
     if args.backend == "legacy":
@@ -967,7 +983,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         try:
             if args.id is not None:
                 check_id(args.id)  # before anything is asked of QEMU or vfiod
-            with _monitor(args) as monitor:
+            with _signals_stop(), _monitor(args) as monitor:
                 attached = client.attach(
                     monitor,
                     address,
@@ -982,6 +998,10 @@ def cmd_attach(args: argparse.Namespace) -> int:
                 )
         except HotplugError as e:
             raise CommandFailedError(str(e)) from None
+        except (_SignalledError, KeyboardInterrupt) as e:
+            signum = e.signum if isinstance(e, _SignalledError) else signal.SIGINT
+            say(f"{signal.Signals(signum).name}: stopped; nothing stays leased or attached")
+            return 128 + signum
     if args.json:
         print_json(dataclasses.asdict(attached))
     else:

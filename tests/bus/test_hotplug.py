@@ -8,9 +8,11 @@ The way through, into a real guest, is the VM tests' (test_hotplug_qemu.py).
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
-from tests.bus import NOBODY, PrivateBus, RunResult
-from tests.bus.vfiod import VfiodProcess
+from tests.bus import NOBODY, PrivateBus, RunResult, _other_uid_env, _setpriv_argv
+from tests.bus.vfiod import Clients, VfiodProcess
 from tests.fakehost import NIC
 from tests.vm.libvirt_session import ROOT_PORT, URI, libvirt_session
 from tests.vm.vmm import socket_qemu
@@ -170,3 +172,104 @@ def test_attach_through_libvirt_that_qemu_refuses_is_undone(vfiod: VfiodProcess)
         usage = vfioctl(vfiod.bus, "attach", "--libvirt", URI, "--device", "00:10.0")
         assert usage.returncode == 2
         assert "--libvirt needs --domain NAME" in usage.stderr
+
+
+def test_attach_stopped_by_sigterm_while_the_device_moves_leaves_nothing(
+    vfiod: VfiodProcess,
+) -> None:
+    vfiod.slow_unbind(5)
+    with socket_qemu(ROOT_PORTS, uid=NOBODY) as qemu:
+        attach = subprocess.Popen(
+            _setpriv_argv(
+                NOBODY,
+                NOBODY,
+                [
+                    "-m",
+                    "vfiod.cli",
+                    "attach",
+                    "--qmp",
+                    qemu.socket,
+                    "--device",
+                    "00:10.0",
+                    "--managed",
+                ],
+            ),
+            env=_other_uid_env(vfiod.bus.child_address, {}),
+            cwd="/",
+            pass_fds=vfiod.bus.child_fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert attach.stderr is not None
+        try:
+            line = attach.stderr.readline()
+            while "moving 0000:00:10.0 from e1000e" not in line:
+                assert line, "vfioctl attach ended before vfiod moved the device"
+                line = attach.stderr.readline()
+            attach.send_signal(signal.SIGTERM)
+            _out, err = attach.communicate(timeout=60)
+        finally:
+            if attach.poll() is None:
+                attach.kill()
+            attach.wait()
+        assert attach.returncode == 128 + signal.SIGTERM, err
+        assert "SIGTERM: stopped; nothing stays leased or attached" in err
+        vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back", 30)
+        vfiod.wait_for(lambda: not vfiod.state().get("leases"), "no lease", 10)
+        assert qemu.peripherals() == {"rp0", "rp1", "testdev"}
+
+
+# A QEMU that dies between taking the fds and adding the device: a Monitor
+# whose connection breaks at object-add, in front of a real process (sleep)
+# standing for QEMU; the lease is vfiod's, for real.
+LOST_QEMU = """\
+import subprocess
+from vfiod import hotplug, qmp
+
+class DyingQemu:
+    def __init__(self, pid):
+        self.vmm = hotplug.Vmm(pid=pid, uid=os.getuid(), version="10.0.2", name="dying")
+        self.pidfd = os.pidfd_open(pid)
+        self.sent = []
+
+    def execute(self, command, arguments=None, *, fds=()):
+        self.sent.append(command)
+        if command == "qom-list":
+            return []
+        if command == "object-add":
+            raise ConnectionError("QEMU closed the QMP connection")
+        if command in ("closefd", "object-del"):
+            raise ConnectionError("QEMU closed the QMP connection")
+        return {}
+
+    def wait_deleted(self, device_id, timeout):
+        raise TimeoutError
+
+qemu = subprocess.Popen(["sleep", "60"])
+monitor = DyingQemu(qemu.pid)
+try:
+    hotplug.attach(vfiod, monitor, sys.argv[1], managed=True)
+    outcome = "attached"
+except hotplug.HotplugError as e:
+    outcome = str(e)
+os.close(monitor.pidfd)
+qemu.kill()
+qemu.wait()
+say({"outcome": outcome, "sent": monitor.sent, "leases": list(vfiod.inventory().leases)})
+"""
+
+
+def test_qemu_lost_during_attach_releases_the_lease(vfiod: VfiodProcess, nobody: Clients) -> None:
+    out = nobody.run(LOST_QEMU, str(NIC), timeout=60)
+    assert out["outcome"].startswith(
+        "QMP failed during the attach (QEMU closed the QMP connection); vfiod released lease "
+    ), out
+    assert out["sent"] == [
+        "qom-list", "getfd", "getfd", "object-add", "closefd", "closefd", "object-del",
+    ]  # fmt: skip
+    assert out["leases"] == []
+    vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back")
+    vfiod.wait_for(lambda: not vfiod.state().get("leases"), "no lease record")
+    assert vfiod.fd_store == []
