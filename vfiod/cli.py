@@ -701,31 +701,40 @@ def _watch_stdin() -> bool:
     return os.isatty(sys.stdin.fileno()) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
-def _hold() -> str:
-    """Wait for SIGINT, SIGTERM, SIGHUP, SIGQUIT or the end of stdin; what ended it."""
+@contextlib.contextmanager
+def _signals_raise(signals: Sequence[signal.Signals]) -> Iterator[None]:
+    """While in the block, each of ``signals`` raises _SignalledError where
+    the program is, so that what it began is undone on the way out."""
 
     def stop(signum: int, _frame: object) -> NoReturn:
         raise _SignalledError(signum)
 
-    previous = {s: signal.signal(s, stop) for s in RELAYED}
+    previous = {s: signal.signal(s, stop) for s in signals}
     try:
-        # A signal that came since cmd_acquire blocked them is delivered now.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED)
-        if _watch_stdin():
-            fd = sys.stdin.fileno()
-            readable = select.poll()
-            readable.register(fd, select.POLLIN)
-            while True:
-                readable.poll()
-                if not os.read(fd, 4096):
-                    return "end of input"
-        while True:
-            signal.pause()
-    except _SignalledError as e:
-        return signal.Signals(e.signum).name
+        yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _hold() -> str:
+    """Wait for SIGINT, SIGTERM, SIGHUP, SIGQUIT or the end of stdin; what ended it."""
+    try:
+        with _signals_raise(RELAYED):
+            # A signal that came since cmd_acquire blocked them is delivered now.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED)
+            if _watch_stdin():
+                fd = sys.stdin.fileno()
+                readable = select.poll()
+                readable.register(fd, select.POLLIN)
+                while True:
+                    readable.poll()
+                    if not os.read(fd, 4096):
+                        return "end of input"
+            while True:
+                signal.pause()
+    except _SignalledError as e:
+        return signal.Signals(e.signum).name
 
 
 def cmd_acquire(args: argparse.Namespace) -> int:
@@ -955,22 +964,6 @@ def _monitor(args: argparse.Namespace) -> contextlib.AbstractContextManager[Moni
     return qmp_monitor(args.qmp)
 
 
-@contextlib.contextmanager
-def _signals_stop() -> Iterator[None]:
-    """SIGTERM, SIGHUP and SIGQUIT stop what runs as ^C does, with an
-    exception, so that what it began is undone on the way out."""
-
-    def stop(signum: int, _frame: object) -> NoReturn:
-        raise _SignalledError(signum)
-
-    previous = {s: signal.signal(s, stop) for s in RELAYED if s != signal.SIGINT}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def cmd_attach(args: argparse.Namespace) -> int:
     (address,) = _addresses([args.device])
     if args.backend == "legacy":
@@ -983,7 +976,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
         try:
             if args.id is not None:
                 check_id(args.id)  # before anything is asked of QEMU or vfiod
-            with _signals_stop(), _monitor(args) as monitor:
+            # SIGTERM, SIGHUP and SIGQUIT stop it as ^C does: undoing what it began.
+            with _signals_raise(RELAYED[1:]), _monitor(args) as monitor:
                 attached = client.attach(
                     monitor,
                     address,

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 
-from tests.bus import NOBODY, PrivateBus, RunResult, _other_uid_env, _setpriv_argv
-from tests.bus.vfiod import Clients, VfiodProcess
+from tests.bus import NOBODY, PrivateBus, RunResult
+from tests.bus.vfiod import VFIOCTL, Clients, VfiodProcess
 from tests.fakehost import NIC
 from tests.vm.libvirt_session import ROOT_PORT, URI, libvirt_session
 from tests.vm.vmm import socket_qemu
@@ -175,46 +174,26 @@ def test_attach_through_libvirt_that_qemu_refuses_is_undone(vfiod: VfiodProcess)
 
 
 def test_attach_stopped_by_sigterm_while_the_device_moves_leaves_nothing(
-    vfiod: VfiodProcess,
+    vfiod: VfiodProcess, nobody: Clients
 ) -> None:
     vfiod.slow_unbind(5)
     with socket_qemu(ROOT_PORTS, uid=NOBODY) as qemu:
-        attach = subprocess.Popen(
-            _setpriv_argv(
-                NOBODY,
-                NOBODY,
-                [
-                    "-m",
-                    "vfiod.cli",
-                    "attach",
-                    "--qmp",
-                    qemu.socket,
-                    "--device",
-                    "00:10.0",
-                    "--managed",
-                ],
-            ),
-            env=_other_uid_env(vfiod.bus.child_address, {}),
-            cwd="/",
-            pass_fds=vfiod.bus.child_fds,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        attach = nobody.spawn(
+            VFIOCTL, "attach", "--qmp", qemu.socket, "--device", "00:10.0", "--managed"
         )
-        assert attach.stderr is not None
+        stderr = attach.process.stderr
+        assert stderr is not None
         try:
-            line = attach.stderr.readline()
+            line = stderr.readline()
             while "moving 0000:00:10.0 from e1000e" not in line:
                 assert line, "vfioctl attach ended before vfiod moved the device"
-                line = attach.stderr.readline()
-            attach.send_signal(signal.SIGTERM)
-            _out, err = attach.communicate(timeout=60)
+                line = stderr.readline()
+            attach.process.send_signal(signal.SIGTERM)
+            attach.process.wait(60)
         finally:
-            if attach.poll() is None:
-                attach.kill()
-            attach.wait()
-        assert attach.returncode == 128 + signal.SIGTERM, err
+            attach.kill()  # reaped already; keeps its stderr
+        assert attach.process.returncode == 128 + signal.SIGTERM, attach.stderr
+        err = line + attach.stderr
         assert "SIGTERM: stopped; nothing stays leased or attached" in err
         vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "e1000e", "e1000e coming back", 30)
         vfiod.wait_for(lambda: not vfiod.state().get("leases"), "no lease", 10)

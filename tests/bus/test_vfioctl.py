@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.bus import ADDRESS_VARIABLE, NOBODY, PrivateBus, RunResult
-from tests.bus.vfiod import Clients, Spawned, VfiodProcess, run_vfiod
+from tests.bus.vfiod import VFIOCTL, Clients, Spawned, VfiodProcess, run_vfiod
 from tests.fakehost import E1000_A, E1000_B, NIC, SATA, build
 from vfiod.cli import main, placeholders, substitute
 from vfiod.client import Client
@@ -52,8 +52,6 @@ managed = true
 companions = true
 """
 
-# vfioctl as a client snippet (for Clients.spawn): its stdout is the test's.
-VFIOCTL = "from vfiod.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 
 # The command `vfioctl run` starts (as `sh -c CHILD sh ARGS...`): it says,
 # in one line of JSON, what it was given (its arguments; what its fds $1, $2

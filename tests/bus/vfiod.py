@@ -121,6 +121,9 @@ sys.stdin.readline()
 FDS_PER_LEASE = {"legacy": 2, "iommufd": 1}
 
 # Prepended to client snippets: the project's own client, as nobody.
+# vfioctl as a client snippet (for Clients.spawn): its stdout is the test's.
+VFIOCTL = "from vfiod.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
 CLIENT = """\
 import json, os, sys, time
 from vfiod.client import Client, VfiodError

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.bus import NOBODY, PrivateBus
-from tests.bus.vfiod import Clients, Spawned, VfiodProcess
+from tests.bus.vfiod import VFIOCTL, Clients, Spawned, VfiodProcess
 from tests.vm.topology import E1000E, E1000E_IDS
 from tests.vm.vmm import QemuNotFoundError, find_qemu, parse_query_pci, probe_argv
 from vfiod.qmp import Qmp
@@ -34,12 +34,6 @@ users = ["nobody"]
 managed = true
 backends = ["iommufd"]
 max-locked-memory = "512M"
-"""
-
-# As nobody: vfioctl run, exactly as a user types it.
-RUN = """\
-from vfiod.cli import main
-sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -90,7 +84,7 @@ def test_vfioctl_run_gives_qemu_its_device(
         binary=qemu,
     )
     vfioctl = Clients(bus).spawn(
-        RUN, "run", "--backend", "iommufd", "--managed", "--device", E1000E, "--", *qemu_argv
+        VFIOCTL, "run", "--backend", "iommufd", "--managed", "--device", E1000E, "--", *qemu_argv
     )
     try:
         with _wait_for_socket(qmp_path, vfioctl, timeout=180) as sock:
