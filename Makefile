@@ -74,6 +74,7 @@ install-files:
 	install -Dm644 systemd/70-vfiod.rules "$(DESTDIR)/usr/lib/udev/rules.d/70-vfiod.rules"
 	install -Dm644 systemd/vfiod-modules.conf "$(DESTDIR)/usr/lib/modules-load.d/vfiod.conf"
 	install -Dm644 policy/vfiod.toml "$(DESTDIR)/usr/lib/vfiod/vfiod.toml"
+	install -Dm755 hooks/libvirt-qemu "$(DESTDIR)/usr/lib/vfiod/libvirt-qemu-hook"
 	install -d -m755 "$(DESTDIR)/usr/lib/vfiod/policy.d" "$(DESTDIR)/etc/vfiod/policy.d"
 	install -Dm644 -t "$(DESTDIR)/usr/share/doc/vfiod" policy/README.md
 	install -Dm644 -t "$(DESTDIR)/usr/share/doc/vfiod/examples" policy/examples/*.toml

@@ -38,6 +38,7 @@ import signal
 import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from vfiod import __version__
@@ -1047,6 +1048,31 @@ def _qemu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", metavar="NAME", help="with --libvirt: the running domain")
 
 
+# -- libvirt's qemu hook
+
+
+def cmd_libvirt_hook(args: argparse.Namespace) -> int:
+    from vfiod import libvirt_hook  # noqa: PLC0415 - only libvirt's hook needs it
+
+    operation = (args.operation, args.sub_operation)
+    if operation not in (("prepare", "begin"), ("release", "end")):
+        return EXIT_OK  # every other step of a domain's life is libvirt's alone
+    try:
+        holder = libvirt_hook.Holder(Path(args.run_dir), args.domain)
+        if operation == ("release", "end"):
+            if libvirt_hook.release(holder):
+                say(f"released {holder.label}'s lease: vfiod gives its devices back")
+            return EXIT_OK
+        addresses = libvirt_hook.unmanaged_pci_hostdevs(sys.stdin.read())
+        if not addresses:
+            return EXIT_OK
+        lease = libvirt_hook.prepare(holder, addresses)
+    except libvirt_hook.HookError as e:
+        raise CommandFailedError(f"{args.domain}: {e}") from None
+    say(f"{args.domain}: {', '.join(addresses)} on vfio-pci for libvirt, lease {lease}")
+    return EXIT_OK
+
+
 # -- the command line
 
 
@@ -1226,6 +1252,12 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER)
     cmd.set_defaults(func=cmd_run)
 
+    _add_vm_manager_commands(sub)
+    return p
+
+
+def _add_vm_manager_commands(sub: Any) -> None:
+    """attach, detach and libvirt-hook: for VMs that run, and their managers."""
     cmd = sub.add_parser(
         "attach",
         help="lease a device and hot-add it to a running QEMU over QMP",
@@ -1276,7 +1308,24 @@ def parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument("--json", action="store_true", help="machine-readable output")
     cmd.set_defaults(func=cmd_detach)
-    return p
+
+    cmd = sub.add_parser(
+        "libvirt-hook",
+        help="libvirt's qemu hook: vfiod binds a domain's <hostdev managed='no'>",
+        description="Run by libvirt as /etc/libvirt/hooks/qemu (or a script in "
+        "/etc/libvirt/hooks/qemu.d/), as root, with the domain XML on stdin. At prepare "
+        "begin the domain's PCI hostdevs with managed='no' are leased from vfiod for "
+        "libvirt:DOMAIN (the policy decides; vfiod binds them to vfio-pci), held by a "
+        "vfioctl acquire of their own; a refusal stops the domain's start with vfiod's "
+        "reason. At release end the lease ends and vfiod puts each device back on the "
+        "driver it had. Other operations do nothing.",
+    )
+    cmd.add_argument("domain", metavar="DOMAIN")
+    cmd.add_argument("operation", metavar="OPERATION")
+    cmd.add_argument("sub_operation", metavar="SUB_OPERATION")
+    cmd.add_argument("extra", metavar="EXTRA", nargs="?")
+    cmd.add_argument("--run-dir", default="/run/vfioctl-libvirt", help=argparse.SUPPRESS)
+    cmd.set_defaults(func=cmd_libvirt_hook)
 
 
 # The errors a refusal of Acquire's plan comes as.

@@ -20,6 +20,7 @@ FILES = {
     "usr/lib/udev/rules.d/70-vfiod.rules",
     "usr/lib/modules-load.d/vfiod.conf",
     "usr/lib/vfiod/vfiod.toml",
+    "usr/lib/vfiod/libvirt-qemu-hook",
     "usr/share/doc/vfiod/README.md",
     "usr/share/doc/vfiod/examples/10-gpu-for-alice.toml",
 }
@@ -44,6 +45,7 @@ def test_install_files_puts_everything_in_place(tmp_path: Path) -> None:
     assert set(installed) >= FILES
     assert (tmp_path / "etc/vfiod/policy.d").is_dir()
     assert (tmp_path / "usr/lib/vfiod/policy.d").is_dir()
+    assert os.access(tmp_path / "usr/lib/vfiod/libvirt-qemu-hook", os.X_OK)
     unit = (tmp_path / "usr/lib/systemd/system/vfiod.service").read_text()
     assert "ExecStart=/usr/local/bin/vfiod daemon\n" in unit
     assert "@" not in unit.replace("@system-service", "").replace("@resources", "")

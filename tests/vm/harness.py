@@ -32,6 +32,8 @@ PROJECT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vfiod"
 DISK_SIZE = 64 << 20
 BOOT_TIMEOUT = 900  # seconds for boot plus all guest tests of one boot, under TCG
+# What a guest kernel prints when its CPUs got no time for a long while.
+STALLED = "rcu_preempt detected stalls on CPUs/tasks"
 GUEST_TEST_STUCK = 240  # seconds one guest test may take before its stacks are printed
 # What `make install` is staged from, and where the staged trees are kept
 # (one per state of the sources): the systemd tests run vfiod as installed.

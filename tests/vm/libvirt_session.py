@@ -1,6 +1,7 @@
-"""A libvirt session daemon of an unprivileged user (qemu:///session, as
-GNOME Boxes and users without root run it), for tests of `vfioctl attach
---libvirt`.
+"""libvirt daemons for the tests: a session daemon of an unprivileged user
+(qemu:///session, as GNOME Boxes and users without root run it), for
+`vfioctl attach --libvirt`, and the system daemon with a qemu hook, for
+`vfioctl libvirt-hook`.
 
 The daemon is Debian's ``libvirtd`` run in the foreground as the user, with
 a home, runtime, config and cache directory of its own under a fresh
@@ -176,4 +177,133 @@ def libvirt_session(uid: int) -> Iterator[LibvirtSession]:
         yield session
     finally:
         session.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# -- the system daemon, in a mount namespace of its own
+
+
+SYSTEM_QEMU_CONF = """
+# The test's: QEMU as root (no libvirt-qemu ownership of /dev/vfio), its
+# output in a file (no virtlogd), no private /dev per domain.
+user = "root"
+group = "root"
+stdio_handler = "file"
+namespaces = [ ]
+"""
+
+# Mounts over libvirt's own directories, in the daemon's namespace only.
+_SYSTEM_START = """\
+set -e
+mount --bind "$1/etc" /etc/libvirt
+for dir in /run/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt; do
+    [ -d "$dir" ] || mkdir -p "$dir"
+    mount -t tmpfs -o mode=0755 tmpfs "$dir"
+done
+exec /usr/sbin/libvirtd
+"""
+
+
+class LibvirtSystem:
+    """libvirtd in system mode, its configuration and state private to it;
+    ``hook`` is installed as its /etc/libvirt/hooks/qemu."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.domains: list[str] = []
+
+    def _root(self) -> Path:
+        assert self.daemon is not None
+        return Path(f"/proc/{self.daemon.pid}/root")
+
+    @property
+    def uri(self) -> str:
+        return f"qemu+unix:///system?socket={self._root()}/run/libvirt/libvirt-sock"
+
+    def virsh(
+        self, *args: str, timeout: float = 180, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        ran = subprocess.run(
+            [VIRSH, "-c", self.uri, *args],
+            cwd="/",
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+        )
+        if check and ran.returncode != 0:
+            raise AssertionError(f"virsh {' '.join(args)} failed: {ran.stderr.strip()}")
+        return ran
+
+    def qemu_pid(self, name: str) -> int:
+        return int((self._root() / f"run/libvirt/qemu/{name}.pid").read_text())
+
+    def log(self, name: str) -> str:
+        path = self._root() / f"var/log/libvirt/qemu/{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self, hook: str) -> None:
+        shutil.copytree("/etc/libvirt", self.home / "etc", symlinks=True)
+        with open(self.home / "etc/qemu.conf", "a") as conf:
+            conf.write(SYSTEM_QEMU_CONF)
+        hooks = self.home / "etc/hooks"
+        hooks.mkdir(exist_ok=True)
+        (hooks / "qemu").write_text(hook)
+        (hooks / "qemu").chmod(0o755)
+        self.daemon = subprocess.Popen(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                _SYSTEM_START,
+                "sh",
+                str(self.home),
+            ],
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while not (self._root() / "run/libvirt/libvirt-sock").exists():
+            if self.daemon.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("libvirtd (system) did not start")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        left = []
+        for name in self.domains:
+            with contextlib.suppress(OSError, ValueError):
+                left.append(self.qemu_pid(name))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.virsh("destroy", name, timeout=60, check=False)
+        if self.daemon is not None:
+            self.daemon.send_signal(signal.SIGTERM)
+            try:
+                self.daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def libvirt_system(hook: str) -> Iterator[LibvirtSystem]:
+    """System libvirtd with ``hook`` (a script's text) as its qemu hook."""
+    for tool in (LIBVIRTD, VIRSH, "/usr/bin/unshare"):
+        if not os.access(tool, os.X_OK):
+            raise LibvirtUnavailableError(f"{tool} is missing: {INSTALL}")
+    home = Path(tempfile.mkdtemp(prefix="vfiod-libvirt-system-"))
+    system = LibvirtSystem(home)
+    try:
+        system.start(hook)
+        yield system
+    finally:
+        system.stop()
         shutil.rmtree(home, ignore_errors=True)

@@ -100,10 +100,11 @@ class Boot:
     topology: Topology
     tests: tuple[str, ...]
     installed: bool = False  # its tests run vfiod as `make install` puts it
+    part: str = ""  # tells apart two boots of one kernel and topology
 
     @property
     def name(self) -> str:
-        return f"{self.kernel}-{self.topology.name}"
+        return f"{self.kernel}-{self.topology.name}" + (f"-{self.part}" if self.part else "")
 
 
 GUEST_DIR = "tests/vm/guest"
@@ -123,10 +124,16 @@ BOOTS = (
             "test_vmm.py",
             "test_broker_iommufd.py",
             "test_e2e_qemu.py",
-            "test_hotplug_qemu.py",
             "test_vfiod_systemd.py",
         ),
         installed=True,
+    ),
+    # QEMU and libvirt as the managers run them (nested QEMUs: slow under TCG).
+    Boot(
+        KernelKind.TEST,
+        IOMMU,
+        ("test_hotplug_qemu.py", "test_libvirt_system.py"),
+        part="managers",
     ),
     Boot(KernelKind.TEST, NOIOMMU, ("test_noiommu.py", "test_broker_noiommu.py")),
 )
