@@ -1414,11 +1414,21 @@ def test_example_deny_rule_protects_a_device(tmp_path: Path) -> None:
     assert decide_one(policy, ALICE, pci()).allowed
 
 
+def test_example_libvirt_hostdevs_for_root(tmp_path: Path) -> None:
+    policy = install_example(tmp_path, "50-libvirt-hostdevs.toml")
+    nic = pci("0000:03:00.0", group="12")
+    hook = Request("iommufd", managed=True, unsafe_noiommu=False)
+    assert decide_one(policy, ROOT, nic, hook).allowed
+    assert decide_one(policy, ROOT, nic, Request("legacy", True, False)).refusal is Refusal.BACKEND
+    assert decide_one(policy, ALICE, nic, hook).refusal is Refusal.NO_RULE
+    assert not decide_one(policy, ROOT, pci("0000:05:00.0"), hook).allowed
+
+
 def test_all_examples_load_together(tmp_path: Path) -> None:
     for example in sorted(EXAMPLES.glob("*.toml")):
         shutil.copy(example, put(tmp_path, f"{POLICY_D}/{example.name}", ""))
     policy = load(tmp_path).policy
-    assert len(policy.rules) == 4
+    assert len(policy.rules) == 5
     assert {r.effect for r in policy.rules} == {Effect.ALLOW, Effect.DENY}
     assert all(r.comment for r in policy.rules)
 

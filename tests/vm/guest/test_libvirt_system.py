@@ -1,7 +1,7 @@
 """libvirt's own `<hostdev managed='no'>`, with vfiod doing the binding: a
 real system libvirtd (in a mount namespace of its own, QEMU as root) runs
 the shipped qemu hook (hooks/libvirt-qemu, `vfioctl libvirt-hook`); `virsh
-create` gets the e1000e bound to vfio-pci by vfiod within its policy and
+start` of a defined domain gets the e1000e bound to vfio-pci by vfiod within its policy and
 QEMU opens it the legacy way; `virsh destroy` gives it back to e1000e; a
 device the policy refuses stops the domain with vfiod's reason."""
 
@@ -78,19 +78,21 @@ def hook(bus: PrivateBus) -> Iterator[str]:
     shutil.rmtree(shim)
 
 
-def _create(system: LibvirtSystem, name: str, address: str) -> tuple[int, str]:
+def _start(system: LibvirtSystem, name: str, address: str) -> tuple[int, str]:
+    """`virsh define` and `virsh start` a domain with ``address`` as hostdev."""
     xml = system.home / f"{name}.xml"
     emulator = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
     xml.write_text(DOMAIN.format(name=name, emulator=emulator, a=PciAddress.parse(address)))
+    system.virsh("define", str(xml))
     system.domains.append(name)
-    ran = system.virsh("create", str(xml), check=False)
+    ran = system.virsh("start", name, check=False)
     return ran.returncode, ran.stderr
 
 
-def test_virsh_create_and_destroy_with_vfiod_binding(vfiod: VfiodProcess, hook: str) -> None:
+def test_virsh_start_and_destroy_with_vfiod_binding(vfiod: VfiodProcess, hook: str) -> None:
     assert vfiod.driver(E1000E) == "e1000e"
     with libvirt_system(hook) as system:
-        status, said = _create(system, "sysvm", E1000E)
+        status, said = _start(system, "sysvm", E1000E)
         assert status == 0, f"{said}\nQEMU said:\n{system.log('sysvm')}"
         assert vfiod.driver(E1000E) == "vfio-pci"
         ((_lease_id, lease),) = vfiod.state()["leases"].items()
@@ -102,8 +104,14 @@ def test_virsh_create_and_destroy_with_vfiod_binding(vfiod: VfiodProcess, hook: 
         system.virsh("destroy", "sysvm")
         vfiod.wait_for(lambda: vfiod.driver(E1000E) == "e1000e", "e1000e coming back", 60)
         vfiod.wait_for(lambda: not vfiod.state().get("leases"), "the lease going", 10)
+        # Started again, the domain gets it again.
+        status, said = _start(system, "sysvm", E1000E)
+        assert status == 0, said
+        assert vfiod.driver(E1000E) == "vfio-pci"
+        system.virsh("destroy", "sysvm")
+        vfiod.wait_for(lambda: vfiod.driver(E1000E) == "e1000e", "e1000e back again", 60)
 
-        status, said = _create(system, "satavm", ICH9_SATA)
+        status, said = _start(system, "satavm", ICH9_SATA)
         assert status != 0
         assert "Hook script execution failed" in said, said
         assert "vfioctl: satavm: vfioctl: " in said, said
