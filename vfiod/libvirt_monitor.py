@@ -54,14 +54,6 @@ def _is_domain_qemu(pid: int, name: str) -> bool:
     return False
 
 
-def _uid(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Uid:"):
-                return int(line.split()[2])
-    raise ProcessLookupError(pid)
-
-
 def qemu_pidfd(pid_file: Path, name: str) -> tuple[int, int]:
     """The pid of domain ``name``'s QEMU from libvirt's pid file, and a pidfd of it."""
     try:
@@ -113,10 +105,7 @@ class LibvirtMonitor:
             ) from None
         if not isinstance(reply, dict):
             raise qmp.QmpProtocolError(f"libvirt passed on a non-object: {answer[:200]!r}")
-        if "error" in reply:
-            error = reply["error"]
-            raise qmp.QmpError(command, str(error.get("class", "?")), str(error.get("desc", "")))
-        return reply.get("return")
+        return qmp.returned(command, reply)
 
     def wait_deleted(self, device_id: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -162,7 +151,7 @@ def domain_monitor(uri: str, name: str) -> Iterator[LibvirtMonitor]:
             raise HotplugError(f"domain {name!r} is not running: start it first")
         pid, pidfd = qemu_pidfd(run_dir(uri) / f"{name}.pid", name)
         try:
-            vmm = Vmm(pid=pid, uid=_uid(pid), version=version, name=name)
+            vmm = Vmm(pid=pid, uid=qmp.process_uid(pid), version=version, name=name)
             yield LibvirtMonitor(libvirt_qemu, domain, vmm, pidfd)
         finally:
             os.close(pidfd)

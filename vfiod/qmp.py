@@ -77,7 +77,8 @@ def peer(sock: socket.socket) -> Peer:
     return Peer(pid=pid, uid=uid, gid=gid)
 
 
-def _uid_of(pid: int) -> int:
+def process_uid(pid: int) -> int:
+    """The effective uid of process ``pid``, from /proc."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("Uid:"):
@@ -96,12 +97,22 @@ def peer_pidfd(sock: socket.socket) -> tuple[Peer, int]:
         pass  # older kernel: pin the pid, then check it is still the peer's process
     pidfd = os.pidfd_open(who.pid)
     try:
-        if _uid_of(who.pid) != who.uid:
+        if process_uid(who.pid) != who.uid:
             raise ProcessLookupError(f"pid {who.pid} is no longer the QMP socket's peer")
     except BaseException:
         os.close(pidfd)
         raise
     return who, pidfd
+
+
+def returned(command: str, answer: Mapping[str, Any]) -> Any:
+    """The ``return`` of ``command``'s answer; QmpError for an ``error`` one."""
+    if "error" in answer:
+        error = answer["error"]
+        if not isinstance(error, dict):
+            raise QmpProtocolError(f"QMP {command}: malformed error {error!r}")
+        raise QmpError(command, str(error.get("class", "?")), str(error.get("desc", "")))
+    return answer.get("return")
 
 
 class Qmp:
@@ -187,12 +198,7 @@ class Qmp:
                 continue
             if message.get("id") != request["id"]:
                 continue  # an answer to an earlier command that timed out
-            if "error" in message:
-                error = message["error"]
-                if not isinstance(error, dict):
-                    raise QmpProtocolError(f"QMP {command}: malformed error {error!r}")
-                raise QmpError(command, str(error.get("class", "?")), str(error.get("desc", "")))
-            return message.get("return")
+            return returned(command, message)
 
     def wait_event(
         self, name: str, match: Callable[[Mapping[str, Any]], bool], timeout: float
