@@ -74,10 +74,11 @@ install-files:
 	install -Dm644 systemd/70-vfiod.rules "$(DESTDIR)/usr/lib/udev/rules.d/70-vfiod.rules"
 	install -Dm644 systemd/vfiod-modules.conf "$(DESTDIR)/usr/lib/modules-load.d/vfiod.conf"
 	install -Dm644 policy/vfiod.toml "$(DESTDIR)/usr/lib/vfiod/vfiod.toml"
+	install -Dm644 polkit/org.vfiod1.policy "$(DESTDIR)/usr/share/polkit-1/actions/org.vfiod1.policy"
 	install -Dm755 hooks/libvirt-qemu "$(DESTDIR)/usr/lib/vfiod/libvirt-qemu-hook"
 	install -d -m755 "$(DESTDIR)/usr/lib/vfiod/policy.d" "$(DESTDIR)/etc/vfiod/policy.d"
 	install -Dm644 -t "$(DESTDIR)/usr/share/doc/vfiod" policy/README.md
-	install -Dm644 -t "$(DESTDIR)/usr/share/doc/vfiod/examples" policy/examples/*.toml
+	install -Dm644 -t "$(DESTDIR)/usr/share/doc/vfiod/examples" policy/examples/*.toml polkit/examples/*.rules
 
 install-venv:
 	"$(PYTHON)" -m venv "$(DESTDIR)$(LIBDIR)"

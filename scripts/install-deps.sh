@@ -7,7 +7,7 @@
 set -euo pipefail
 
 packages=(linux-image-amd64 dbus libsystemd-dev pkg-config python3-venv python3-dev
-          gcc busybox-static kmod udev)
+          gcc busybox-static kmod udev polkitd)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
+from vfiod import polkit
 from vfiod.errors import (
     BrokerError,
     Busy,
@@ -45,8 +46,15 @@ from vfiod.errors import (
     PermissionDenied,
     TimedOut,
 )
-from vfiod.host import noiommu
-from vfiod.host.binding import Binder, CriticalDevices, Progress, Step
+from vfiod.host import noiommu, reserve
+from vfiod.host.binding import (
+    VFIO_PCI,
+    Binder,
+    CriticalDevices,
+    Progress,
+    Step,
+    critical_refusal,
+)
 from vfiod.host.inventory import IommuGroup, PciDevice, cross_check_viability, is_vfio_driver
 from vfiod.host.process import exited, owner_process, pidfd_pid, raise_memlock
 from vfiod.host.sysfs import HostError
@@ -54,7 +62,7 @@ from vfiod.host.watcher import Host, HostChange, HostEvent
 from vfiod.pci import AddressError, PciAddress
 from vfiod.plan import Plan, Target, plan
 from vfiod.policy.load import PolicyHolder
-from vfiod.policy.model import Caller, Policy, Request
+from vfiod.policy.model import Caller, Policy, Request, Reservation
 from vfiod.reasons import Reason
 from vfiod.state import LeaseRecord
 from vfiod.store_names import StoreNames
@@ -85,6 +93,9 @@ MESSAGE_RELEASED = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e03"
 MESSAGE_REVOKED = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e04"
 MESSAGE_UNSAFE = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e05"
 MESSAGE_FREED = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e06"
+MESSAGE_RESERVED = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e07"  # a reservation applied, or why not
+MESSAGE_RESET = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e08"  # a device reset between tenants, or why not
+MESSAGE_POLKIT = "7c1d7c6a2f4b4b1a9d2e0f6c5b3a1e09"  # polkit's answer for a grant
 
 PAGE = 4096
 NODE_TIMEOUT = 5.0  # seconds a node may take to appear after a bind
@@ -391,6 +402,8 @@ class Broker:
         proc: str = "/proc",
         clock: Callable[[], float] = time.time,
         worker: Worker | None = None,
+        udev_root: str | None = None,
+        authority: polkit.Authority | None = None,
     ) -> None:
         self.host = host
         self.binder = binder
@@ -424,6 +437,12 @@ class Broker:
         # The leases drain() looks at: it runs on a timer and after every
         # end, so it must not walk every lease (there may be 10,000).
         self._draining: dict[str, Lease] = {}
+        # Where the udev rules of reservations go (vfiod.host.reserve); None: nowhere.
+        self.udev_root = udev_root
+        # polkit, asked after the policy when vfiod.toml says polkit = true.
+        self.authority = authority
+        # Reserved devices whose reservation cannot apply, and why.
+        self.unreservable: dict[PciAddress, str] = {}
         host.listeners.append(self._on_host_event)
 
     # -- queries
@@ -473,6 +492,148 @@ class Broker:
         after = await self.worker.run(self.binder.critical)
         self._critical = after
         return {a for a in {*before, *after} if before.get(a) != after.get(a)}
+
+    def reservation(self, address: PciAddress) -> Reservation | None:
+        """The reservation that keeps the device on vfio-pci, if one applies."""
+        if address in self.unreservable:
+            return None
+        return self.policy.current.reserved.get(address)
+
+    def apply_reservations(self, previous: Policy | None = None) -> None:
+        """Make the policy's reservations true: write the udev rules that
+        apply them whenever a reserved device appears (boot, hotplug), give
+        each reserved device present to vfio-pci, and give back those only
+        ``previous`` reserved. A device whose group a lease holds is on
+        vfio-pci already: it stays there when the lease ends."""
+        policy = self.policy.current
+        critical = self.critical()
+        self.unreservable = {
+            address: refusal
+            for address in policy.reserved
+            if (refusal := critical_refusal([address], (), critical)) is not None
+        }
+        applied = [(r, a) for a, r in policy.reserved.items() if a not in self.unreservable]
+        self._write_udev_rules(applied)
+        for address, refusal in self.unreservable.items():
+            _audit(
+                MESSAGE_RESERVED,
+                f"reservation {policy.reserved[address].name!r} does not apply to {address}: "
+                f"{refusal}",
+                {"DEVICES": str(address), "RESERVATION": policy.reserved[address].name},
+                logging.WARNING,
+            )
+        inventory = self.host.inventory
+        recorded = self.binder.state.load().bindings
+        taking: list[PciAddress] = []
+        for _, address in applied:
+            device = inventory.devices.get(address)
+            if device is None:
+                continue  # the udev rules take it when it appears
+            if str(address) in recorded:
+                self.binder.forget(address)  # a lease moved it: it stays when that ends
+            if self._holder(device, inventory.groups.get(device.group or "")) is not None:
+                continue  # on vfio-pci for its lease already
+            if device.driver == VFIO_PCI and self.binder.sysfs.driver_override(address) == VFIO_PCI:
+                continue  # applied already (by the udev rules, or an earlier start)
+            taking.append(address)
+        giving = [
+            address
+            for address in (previous.reserved if previous is not None else {})
+            if address not in policy.reserved
+            and (device := inventory.devices.get(address)) is not None
+            and self._holder(device, inventory.groups.get(device.group or "")) is None
+        ]
+        if not taking and not giving:
+            return
+        pending = self._reserve_for_reservations([*taking, *giving])
+        self.worker.start(
+            functools.partial(self._reservation_job, policy, taking, giving, critical),
+            functools.partial(self._reservations_done, pending),
+        )
+
+    def _reservations_done(self, pending: Pending, _: None, error: BaseException | None) -> None:
+        self._unreserve(pending)
+        if error is not None:
+            log.error("applying reservations: %s", error)
+        self.host.refresh(a for a in pending.moving if a in self.host.inventory.devices)
+
+    def _write_udev_rules(self, applied: Sequence[tuple[Reservation, PciAddress]]) -> None:
+        if self.udev_root is None:
+            return
+        try:
+            changed = reserve.write_rules(self.udev_root, reserve.udev_rules(applied))
+        except OSError as e:
+            log.error(
+                "cannot write %s (%s): reserved devices present now go to vfio-pci, but at the "
+                "next boot or hotplug their native driver may take them first",
+                os.path.join(self.udev_root, reserve.RULES_FILE),
+                e,
+            )
+            return
+        if changed:
+            log.info("udev rules for %d reserved device(s) written", len(applied))
+
+    def _reserve_for_reservations(self, addresses: Sequence[PciAddress]) -> Pending:
+        """Hold the devices (and their groups) while they move, as an Acquire would."""
+        inventory = self.host.inventory
+        keys = {str(a) for a in addresses}
+        keys |= {g for a in addresses if (g := inventory.devices[a].group) is not None}
+        pending = Pending(
+            token=secrets.token_hex(8),
+            request_id="",
+            caller=Caller(uid=0, user="root", gids=(0,), groups=(), unit=None, slices=()),
+            owner="",
+            label="a reservation",
+            keys=tuple(sorted(keys)),
+            rules=(),
+            deadline=float("inf"),
+            timeout=float("inf"),
+        )
+        self._pending[pending.token] = pending
+        for key in pending.keys:
+            self._reserved[key] = pending
+        return pending
+
+    def _reservation_job(
+        self,
+        policy: Policy,
+        taking: Sequence[PciAddress],
+        giving: Sequence[PciAddress],
+        critical: CriticalDevices,
+    ) -> None:
+        """On the worker: move what reservations say, each device on its own
+        (one that fails is said, and the others still move)."""
+        progress = self._progress("", "")
+        for address in taking:
+            name = policy.reserved[address].name
+            fields = {"DEVICES": str(address), "RESERVATION": name}
+            try:
+                left = self.binder.reserve(address, critical, progress)
+            except HostError as e:
+                _audit(
+                    MESSAGE_RESERVED,
+                    f"reservation {name!r}: {address} could not go to vfio-pci: {e}",
+                    fields,
+                    logging.ERROR,
+                )
+                continue
+            _audit(
+                MESSAGE_RESERVED,
+                f"reservation {name!r} applied: {address} is on vfio-pci"
+                + (f" (it was on {left})" if left else ""),
+                fields,
+            )
+        for address in giving:
+            try:
+                now = self.binder.unreserve(address)
+            except HostError as e:
+                log.error("%s is no longer reserved, but giving it back failed: %s", address, e)
+                continue
+            _audit(
+                MESSAGE_RESERVED,
+                f"{address} is no longer reserved: it is on {now or 'no driver'} now",
+                {"DEVICES": str(address), "RESERVATION": ""},
+            )
 
     def original_driver(self, address: PciAddress) -> str | None:
         record = self.binder.state.load().bindings.get(str(address))
@@ -637,6 +798,8 @@ class Broker:
         pending = self._reserve(caller, owner, options, the_plan, targets, deadline)
         moved: list[PciAddress] = []
         try:
+            if policy.settings.polkit:
+                await self._authorize(pending, the_plan, targets, backend, pid)
             grant = await self._grant(
                 pending, the_plan, targets, request, backend, options, pid, owner_pid, moved
             )
@@ -714,6 +877,82 @@ class Broker:
             )
         self._notify(lease, LeaseChange.GRANTED)
         return Grant(lease, fds)
+
+    async def _authorize(
+        self,
+        pending: Pending,
+        the_plan: Plan,
+        targets: Sequence[Target],
+        backend: Backend,
+        pid: int | None,
+    ) -> None:
+        """polkit = true: each requested device also needs polkit's yes for
+        the caller's process (org.vfiod1.acquire, or acquire-unsafe for a
+        no-IOMMU one), asked while a pidfd pins that process. The policy
+        allowed it already: polkit can only narrow."""
+        caller = pending.caller
+        asked = {t.device.address: t for t in targets}
+        for address, target in asked.items():
+            unsafe = target.group is None or target.group.noiommu
+            action = polkit.ACQUIRE_UNSAFE if unsafe else polkit.ACQUIRE
+            details = {
+                "device": str(address),
+                "group": target.group.id if target.group is not None else "",
+                "label": pending.label,
+                "backend": backend.value,
+            }
+            answer = await self._ask_polkit(caller, pid, action, details)
+            pending.check()
+            if not answer.allowed:
+                raise PermissionDenied(answer.text, code=Reason.POLKIT, blocker=address)
+
+    async def authorize_reload(self, caller: Caller, pid: int | None) -> None:
+        """polkit = true: ReloadPolicy also needs org.vfiod1.reload."""
+        if not self.policy.current.settings.polkit:
+            return
+        answer = await self._ask_polkit(caller, pid, polkit.RELOAD, {})
+        if not answer.allowed:
+            raise PermissionDenied(answer.text, code=Reason.POLKIT)
+
+    async def _ask_polkit(
+        self, caller: Caller, pid: int | None, action: str, details: Mapping[str, str]
+    ) -> polkit.Answer:
+        if self.authority is None:
+            answer = polkit.unavailable("vfiod has no connection to the system bus's polkit")
+        elif pid is None:
+            answer = polkit.Answer(
+                polkit.Verdict.UNAVAILABLE,
+                "polkit decides for a process, and the bus did not say which process called; "
+                "ask an admin to set polkit = false in /etc/vfiod/vfiod.toml",
+            )
+        else:
+            try:
+                subject, pidfd = polkit.pin_subject(pid, caller.uid, self.proc)
+            except HostError as e:
+                answer = polkit.Answer(polkit.Verdict.NO, f"polkit cannot decide: {e}")
+            else:
+                try:
+                    answer = await self.authority.check(subject, action, details)
+                    if answer.allowed and exited(pidfd):
+                        answer = polkit.Answer(
+                            polkit.Verdict.NO, "the calling process exited while polkit decided"
+                        )
+                finally:
+                    os.close(pidfd)
+        _audit(
+            MESSAGE_POLKIT,
+            f"polkit said {answer.verdict} to {action} for uid {caller.uid}"
+            + (f" ({details['device']})" if "device" in details else "")
+            + (f": {answer.text}" if answer.text else ""),
+            {
+                **_caller_fields(caller, pid),
+                "ACTION": action,
+                "VERDICT": str(answer.verdict),
+                "DEVICES": details.get("device", ""),
+            },
+            logging.INFO if answer.allowed else logging.WARNING,
+        )
+        return answer
 
     def _check_request_id(self, owner: str, request_id: str) -> None:
         if request_id and any(
@@ -1329,19 +1568,57 @@ class Broker:
         it. Until they are back its groups stay taken (``restoring``)."""
         # (An earlier process may have given some back already, as it stopped.)
         recorded = self.binder.state.load().bindings
-        moved = [a for a in lease.moved if str(a) in recorded]
-        if moved and lease.restore:
-            lease.state = LeaseState.RESTORING
-            self.worker.start(
-                functools.partial(
-                    self.binder.restore_all, moved, self._progress(lease.id, lease.owner)
-                ),
-                functools.partial(self._restored, lease),
-            )
+        for address in lease.moved:
+            if str(address) in recorded and self.reservation(address) is not None:
+                self.binder.forget(address)  # reserved since: vfio-pci keeps it
+        moved = [a for a in lease.moved if str(a) in recorded and self.reservation(a) is None]
+        if not lease.restore:
+            for address in lease.moved:  # policy says: leave them on vfio-pci
+                self.binder.forget(address)
+            moved = []
+        # Every device the lease could open is reset before anyone else may
+        # lease it (or go back to its driver): what one tenant left in a
+        # device must not reach the next.
+        inventory = self.host.inventory
+        resetting = [
+            d.address
+            for g in lease.groups
+            for d in (inventory.groups[g.id].devices if g.id in inventory.groups else g.devices)
+            if is_vfio_driver(d.driver)
+        ]
+        if not moved and not resetting:
+            self._forget(lease)
             return
-        for address in lease.moved:  # policy says: leave them on vfio-pci
-            self.binder.forget(address)
-        self._forget(lease)
+        lease.state = LeaseState.RESTORING
+        self.worker.start(
+            functools.partial(self._clean_job, lease, resetting, moved),
+            functools.partial(self._restored, lease),
+        )
+
+    def _clean_job(
+        self, lease: Lease, resetting: Sequence[PciAddress], restoring: Sequence[PciAddress]
+    ) -> None:
+        """On the worker: reset the lease's devices, then give back those
+        vfiod moved. A device that cannot be reset is said, loudly."""
+        for address in resetting:
+            fields = {**lease.audit_fields(), "DEVICES": str(address)}
+            try:
+                self.binder.reset(address)
+            except HostError as e:
+                _audit(
+                    MESSAGE_RESET,
+                    f"lease {lease.id} ended, and {address} was not reset: {e}",
+                    {**fields, "RESET": "impossible" if e.errno == errno.ENOTTY else "failed"},
+                    logging.WARNING,
+                )
+                continue
+            _audit(
+                MESSAGE_RESET,
+                f"lease {lease.id} ended: {address} was reset",
+                {**fields, "RESET": "done"},
+            )
+        if restoring:
+            self.binder.restore_all(restoring, self._progress(lease.id, lease.owner))
 
     def _restored(self, lease: Lease, _: None, error: BaseException | None) -> None:
         if error is not None:
@@ -1397,7 +1674,9 @@ class Broker:
         end the leases the new policy no longer allows: the plan of each
         lease is made again, so a rule that now denies any device the lease
         reaches, companions included, ends it. Returns those."""
+        previous = self.policy.current
         policy = self.policy.reload()
+        self.apply_reservations(previous)
         revoked = []
         for lease in list(self.leases.values()):
             if lease.state is not LeaseState.ACTIVE:
@@ -1438,6 +1717,7 @@ class Broker:
             for fd in leftover:
                 os.close(fd)
             self.fd_store.drop(name)
+        self.apply_reservations()  # (first: a reserved device's record must not be repaired)
         self._recover_bindings(recovered)
         for lease in recovered:
             if lease.owner_pidfd is not None and exited(lease.owner_pidfd):

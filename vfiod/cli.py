@@ -218,6 +218,7 @@ def _device_json(view: View, device: DeviceInfo) -> dict[str, object]:
         "noiommu": device.noiommu,
         "host_critical": list(device.host_critical),
         "reset_methods": list(device.reset_methods),
+        "reservation": device.reservation or None,
         "lease": lease_id(device.lease),
     }
 
@@ -276,12 +277,18 @@ def _access_json(access: Access) -> dict[str, object]:
     }
 
 
-def _device_row(device: DeviceInfo) -> tuple[str, str, str, str]:
-    return (device.address, device.ids, device.driver or "-", device.description)
+def _device_row(device: DeviceInfo) -> tuple[str, str, str, str, str]:
+    resets = ",".join(device.reset_methods) or "none"
+    return (device.address, device.ids, device.driver or "-", resets, device.description)
 
 
 def _device_notes(device: DeviceInfo) -> list[str]:
     notes = [f"host-critical: {reason}" for reason in device.host_critical]
+    if device.reservation:
+        notes.append(
+            f"reserved for vfio-pci from boot (reservation {device.reservation!r}): "
+            "it stays there when leases end"
+        )
     if device.original_driver and device.original_driver != device.driver:
         notes.append(f"vfiod moved it from {device.original_driver}")
     return notes
@@ -334,7 +341,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows.append(("-", "-", *_device_row(device)))
         rows.extend(_device_notes(device))
         rows.append("no IOMMU group: assignable only in unsafe no-IOMMU mode")
-    print(table(("GROUP", "VIABLE", "DEVICE", "IDS", "DRIVER", "DESCRIPTION"), rows))
+    print(table(("GROUP", "VIABLE", "DEVICE", "IDS", "DRIVER", "RESET", "DESCRIPTION"), rows))
     if inventory.leases:
         print()
         print(_lease_table(sorted(inventory.leases.values(), key=lambda lease: lease.created)))
@@ -463,7 +470,9 @@ def _show_device(client: Client, view: View, device: DeviceInfo, args: argparse.
     ]
     if device.original_driver:
         lines.append(("original", f"{device.original_driver} (vfiod gives it back)"))
-    lines.append(("reset", ", ".join(device.reset_methods) or "none"))
+    lines.append(("reset", ", ".join(device.reset_methods) or "none: the kernel cannot reset it"))
+    if device.reservation:
+        lines.append(("reserved", f"for vfio-pci from boot (reservation {device.reservation!r})"))
     lines.append(("critical", "; ".join(device.host_critical) or "no"))
     if group is None:
         lines.append(("group", "none: no IOMMU, so only unsafe no-IOMMU mode can assign it"))

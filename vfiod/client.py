@@ -187,6 +187,7 @@ class DeviceInfo:
     host_critical: tuple[str, ...]
     lease: str  # object path, "/" if none
     reset_methods: tuple[str, ...]
+    reservation: str = ""  # the [[reserve]] that keeps it on vfio-pci
 
     @property
     def ids(self) -> str:
@@ -372,10 +373,12 @@ def _inventory_call(bus: SdBus) -> SdBusMessage:
 
 def _device_row(row: Sequence[Any]) -> DeviceInfo:
     (path, address, vendor, device, sub_vendor, sub_device, pci_class, description, driver,
-     original_driver, group, noiommu, critical, lease, resets, _more) = row  # fmt: skip
+     original_driver, group, noiommu, critical, lease, resets, more) = row  # fmt: skip
+    reservation = more.get("Reservation")
     return DeviceInfo(
         path, address, vendor, device, sub_vendor, sub_device, pci_class, description, driver,
         original_driver, group, noiommu, tuple(critical), lease, tuple(resets),
+        reservation[1] if reservation is not None and reservation[0] == "s" else "",
     )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from vfiod.host.process import raise_fd_limit
 from vfiod.host.sysfs import Sysfs
 from vfiod.host.watcher import Host, UEventMonitor
 from vfiod.policy.load import PolicyError, PolicyHolder
+from vfiod.polkit import PolkitAuthority
 from vfiod.service_manager import SystemdFdStore
 from vfiod.state import STATE_PATH, StateError, StateFile
 from vfiod.vfio import Kernel, LinuxKernel
@@ -62,6 +63,7 @@ class Parts:
     proc: str = "/proc"
     hwdb: bool = True  # describe devices from the udev hardware database
     hotplug: bool = True  # follow uevents
+    udev_rules: bool = True  # write reservations' udev rules under policy_root
     load_module: ModuleLoader = modprobe
     critical: Callable[[], CriticalDevices] | None = None  # None: scan the real host
     open_bus: Callable[[], SdBus] = sd_bus_open_system
@@ -171,6 +173,7 @@ class Daemon:
             dev_vfio=parts.dev_vfio,
             proc=parts.proc,
             worker=self.worker,
+            udev_root=parts.policy_root if parts.udev_rules else None,
         )
         self.broker.recover(parts.stored_fds())
         return self.broker
@@ -180,6 +183,7 @@ class Daemon:
         self.bus = self.parts.open_bus()
         driver = BusDriver.new_proxy("org.freedesktop.DBus", "/org/freedesktop/DBus", self.bus)
         callers = Callers(driver, SystemdUnits(self.bus), self.parts.proc)
+        broker.authority = PolkitAuthority(self.bus)
         self.service = BusService(broker, self.bus, callers)
         self.service.export()
         self.tasks.append(asyncio.create_task(self._watch_names(driver, callers)))

@@ -297,7 +297,31 @@ def _plan_group(
         )
     if refusal is None:
         refusal = _move_refusal(group, targets[0].device, members, managed, carrying, critical)
+    if refusal is None:
+        refusal = _reset_refusal(group, members)
     return GroupPlan(group, requested, {a: decided[a] for a in requested}, tuple(members), refusal)
+
+
+def _reset_refusal(group: IommuGroup | None, members: Sequence[Member]) -> BrokerError | None:
+    """A rule with require-reset = true lets the lease reach a member the
+    kernel cannot reset: the next tenant would get what this one left in it."""
+    requiring = next(
+        (m.via for m in members if m.via is not None and m.via.grants.require_reset), None
+    )
+    if requiring is None:
+        return None
+    blocker = next((m.device for m in members if not m.device.reset_methods), None)
+    if blocker is None:
+        return None
+    where = f" (IOMMU group {group.id})" if group is not None and len(members) > 1 else ""
+    return PermissionDenied(
+        f"{_describe(blocker)}{where} has no reset method the kernel can use (its "
+        "reset_method in sysfs is empty), so what one tenant leaves in it would reach the "
+        f"next, and rule {requiring.name!r} says require-reset = true; ask for a device "
+        "that can be reset (`vfioctl show` says which methods each has)",
+        code=Reason.NO_RESET,
+        blocker=blocker.address,
+    )
 
 
 def _describe(device: PciDevice) -> str:

@@ -38,6 +38,8 @@ class Reason(enum.StrEnum):
     MANAGED_NOT_ALLOWED = "managed-not-allowed"  # the rule has no managed = true
     COMPANIONS_CANNOT_MOVE = "companions-cannot-move"  # the rule has no companions = true
     PF_WITH_VFS = "pf-with-vfs"  # an SR-IOV PF with enabled VFs: never moved
+    NO_RESET = "no-reset"  # the rule says require-reset, and the kernel cannot reset it
+    POLKIT = "polkit"  # polkit (enabled in vfiod.toml) did not authorize it
 
     # The request as a whole.
     MAX_LEASES = "max-leases"  # the rule's max-leases are held

@@ -54,6 +54,7 @@ def device(n: int, **changes: Any) -> DeviceView:
         host_critical=("carries the default route",) if n == 2 else (),
         lease="/",
         reset_methods=("flr", "bus"),
+        reservation="gpu" if n == 3 else "",
     )
     return dataclasses.replace(view, **changes)
 
@@ -85,6 +86,7 @@ def wire_device(view: DeviceView) -> dict[str, tuple[str, Any]]:
         "HostCritical": ("as", list(view.host_critical)),
         "Lease": ("o", view.lease),
         "ResetMethods": ("as", list(view.reset_methods)),
+        "Reservation": ("s", view.reservation),
     }
 
 

@@ -23,6 +23,8 @@ FILES = {
     "usr/lib/vfiod/libvirt-qemu-hook",
     "usr/share/doc/vfiod/README.md",
     "usr/share/doc/vfiod/examples/10-gpu-for-alice.toml",
+    "usr/share/polkit-1/actions/org.vfiod1.policy",
+    "usr/share/doc/vfiod/examples/50-vfiod.rules",
 }
 
 

@@ -1012,13 +1012,13 @@ BASE = 'address = "*"\nusers = ["*"]'  # lines 4 and 5 of rule()
             f"[settings]\nx = 1\n{allow(BASE)}",
             1,
             "settings",
-            "unknown key 'settings': a policy file holds only [[rule]] tables",
+            "unknown key 'settings': a policy file holds only [[rule]] and [[reserve]] tables",
         ),
         (
             "rule = 1\n",
             1,
             "rule",
-            "expected [[rule]] tables, got an integer (1); write each rule under its own "
+            "expected [[rule]] tables, got an integer (1); write each one under its own "
             "[[rule]] header",
         ),
         (
@@ -1129,7 +1129,7 @@ def test_check_policy_shows_the_line_of_every_syntax_error(
             allow(BASE),
             1,
             "rule",
-            "rules go in policy.d/*.toml files, not in vfiod.toml",
+            "[[rule]] tables go in policy.d/*.toml files, not in vfiod.toml",
         ),
     ],
 )

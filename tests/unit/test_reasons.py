@@ -38,7 +38,9 @@ from tests.unit.test_broker import (
     close_all,
     make_world,
 )
+from tests.unit.test_tenants import FakeAuthority, acquire_as_this_process, polkit_world
 from tests.unit.test_trust import POLICY as TRUST_POLICY
+from vfiod import polkit
 from vfiod.broker import Access, Backend
 from vfiod.errors import (
     BrokerError,
@@ -314,6 +316,28 @@ def test_addresses(small: World) -> None:
     # Each device its own answer; the request's refusal for those it reaches.
     results = small.broker.check_access(ALICE, [str(NIC), "0000:00:1e.0"], LEGACY)
     assert [r.code for r in results] == [Reason.ALLOWED, Reason.NOT_FOUND]
+
+
+def test_no_reset(tmp_path: Path) -> None:
+    """The fake host's conventional e1000s have no reset method."""
+    w = make_world(
+        tmp_path, policy=rule("e1000s", "0000:02:0?.0", "managed = true\nrequire-reset = true\n")
+    )
+    access, error = refused(w, ALICE, E1000_A, E1000_B)
+    assert isinstance(error, PermissionDenied)
+    assert (access.code, access.blocker, access.group) == (Reason.NO_RESET, E1000_A, BRIDGE_GROUP)
+
+
+def test_polkit_is_asked_by_acquire_alone(tmp_path: Path) -> None:
+    """CheckAccess answers for vfiod's policy; polkit (which might take its
+    time, or want to ask someone) is asked when a lease is made."""
+    w = polkit_world(tmp_path, {str(NIC): polkit.Verdict.NO})
+    assert check(w, ROOT, NIC).code == Reason.ALLOWED
+    with pytest.raises(PermissionDenied) as e:
+        acquire_as_this_process(w)
+    assert (e.value.code, e.value.blocker) == (Reason.POLKIT, NIC)
+    assert isinstance(w.broker.authority, FakeAuthority)
+    w.broker.shutdown()
 
 
 def test_every_code_is_met_here() -> None:

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -188,6 +188,7 @@ def run_vm(
     progress: Callable[[str], None] = lambda line: None,
     timeout: float = BOOT_TIMEOUT,
     memory: str = "1G",
+    rodirs: Mapping[str, Path] = {},
 ) -> VmRun:
     """Boot ``kernel`` on ``topology`` and run ``command`` (a shell line) as root
     in the guest; ``shared_dir`` is writable from inside (make it in SCRATCH:
@@ -218,6 +219,9 @@ def run_vm(
         str(shared_dir),
         "--qemu-opts=" + shlex.join(topology.qemu_opts(str(disk))),
     ]
+    # Mounted by the guest's init before its udev starts: what a host has at boot.
+    for guest_path, host_dir in rodirs.items():
+        argv += ["--rodir", f"{guest_path}={host_dir}"]
     argv += ["--append", " ".join(topology.kernel_args())]
     argv += ["--exec", guest_script(shared_dir, command)]
     env = dict(os.environ)

@@ -73,6 +73,7 @@ class DeviceView:
     host_critical: tuple[str, ...]
     lease: str  # object path, "/" when not leased
     reset_methods: tuple[str, ...]
+    reservation: str  # the [[reserve]] keeping it on vfio-pci; "" for none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,7 @@ def device_row(path: str, v: DeviceView) -> DeviceRow:
         list(v.host_critical),
         v.lease,
         list(v.reset_methods),
-        {},
+        {"Reservation": ("s", v.reservation)} if v.reservation else {},
     )
 
 
@@ -275,6 +276,10 @@ class DeviceInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Devic
     @dbus_property_async("as", flags=CHANGES)
     def reset_methods(self) -> list[str]:
         return list(self.view.reset_methods)
+
+    @dbus_property_async("s", flags=CHANGES)
+    def reservation(self) -> str:
+        return self.view.reservation
 
 
 class GroupInterface(DbusInterfaceCommonAsync, interface_name="org.vfiod1.Group"):

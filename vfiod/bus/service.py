@@ -232,6 +232,7 @@ class BusService:
         inventory = self.broker.host.inventory
         group = inventory.groups.get(device.group) if device.group is not None else None
         lease = self.broker.lease_of_device(device.address)
+        reservation = self.broker.reservation(device.address)
         return DeviceView(
             address=str(device.address),
             vendor=device.vendor,
@@ -247,6 +248,7 @@ class BusService:
             host_critical=self.broker.critical().get(device.address, ()),
             lease=lease_path(lease.id) if lease is not None else NO_OBJECT,
             reset_methods=device.reset_methods,
+            reservation=reservation.name if reservation is not None else "",
         )
 
     def _group_view(self, group: IommuGroup) -> GroupView:
@@ -509,6 +511,7 @@ class BusService:
             raise PermissionDenied(
                 "only root may reload vfiod's policy; run `systemctl reload vfiod` as root"
             )
+        await self.broker.authorize_reload(credentials.caller, credentials.pid)
         try:
             revoked = self.reload()
         except PolicyError as e:
@@ -522,8 +525,11 @@ class BusService:
         """Read the policy again (ReloadPolicy, or SIGHUP from `systemctl
         reload`): end the leases it no longer allows, announce the settings.
         PolicyError keeps the old policy."""
+        reserved = set(self.broker.policy.current.reserved)
         revoked = self.broker.reload_policy()
         log.info("policy reloaded; %d lease(s) revoked", len(revoked))
+        for address in reserved | set(self.broker.policy.current.reserved):
+            self._sync_device(address)
         self.manager.properties_changed.emit(
             (MANAGER_INTERFACE, {"NoIommuMode": ("b", self.no_iommu_mode)}, [])
         )

@@ -400,6 +400,72 @@ class Binder:
         if errors:
             raise HostError(errno.EIO, "; ".join(errors))
 
+    def reserve(
+        self, address: PciAddress, critical: CriticalDevices, progress: Progress = _quiet
+    ) -> str | None:
+        """Give a reserved device to vfio-pci for good: its driver_override
+        stays vfio-pci, so no later probe gives it to another driver, and
+        nothing is recorded to give back. Returns the driver it left (None:
+        it was unbound or on vfio-pci). Host-critical devices and SR-IOV
+        PFs with enabled VFs are refused, as for a lease."""
+        device = self.sysfs.require_device(address)
+        original = self.sysfs.driver(address)
+        if original == VFIO_PCI:
+            if self.sysfs.driver_override(address) != VFIO_PCI:
+                override = os.path.join(device, "driver_override")
+                _write(self.sysfs, override, VFIO_PCI, "setting driver_override", address)
+            return None
+        self.refuse_critical([address], (), critical)
+        self._refuse_enabled_vfs(address, device, original)
+        ensure_driver(self.sysfs, VFIO_PCI, self.load_module)
+        progress(address, Step.BIND, original or "")
+        try:
+            self._move(address, device, original, VFIO_PCI)
+        except HostError:
+            progress(address, Step.FAILED, original or "")
+            raise
+        progress(address, Step.BOUND, original or "")
+        return original
+
+    def unreserve(self, address: PciAddress) -> str | None:
+        """A device no longer reserved: clear the driver_override a
+        reservation set and let whichever driver matches take it. Returns
+        the driver it is on now."""
+        device = self.sysfs.require_device(address)
+        if self.sysfs.driver_override(address) != VFIO_PCI:
+            return self.sysfs.driver(address)  # someone else set it since: theirs
+        if self.sysfs.driver(address) == VFIO_PCI:
+            _write(
+                self.sysfs,
+                os.path.join(device, "driver", "unbind"),
+                str(address),
+                "unbind",
+                address,
+            )
+        _write(
+            self.sysfs,
+            os.path.join(device, "driver_override"),
+            "\n",
+            "clearing driver_override",
+            address,
+        )
+        _reprobe(self.sysfs, address)
+        return self.sysfs.driver(address)
+
+    def reset(self, address: PciAddress) -> None:
+        """Reset the device the way the kernel can (its reset_method list:
+        flr, pm, bus, ...), as between two tenants; HostError (ENOTTY) when it
+        has none: the kernel shows no ``reset`` attribute then."""
+        device = self.sysfs.require_device(address)
+        attribute = os.path.join(device, "reset")
+        if not os.path.exists(attribute):
+            raise HostError(
+                errno.ENOTTY,
+                f"{address} has no reset method (its reset_method in sysfs is empty): what the "
+                "last tenant left in it stays there",
+            )
+        _write(self.sysfs, attribute, "1", "reset", address)
+
     def rebuild_records(self, addresses: Iterable[PciAddress], driver: str = VFIO_PCI) -> None:
         """Record devices vfiod moved whose records were lost (a damaged
         state file kept the lease but not its bindings), so that they are

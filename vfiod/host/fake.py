@@ -51,7 +51,9 @@ NOIOMMU_PARAMETER = "module/vfio/parameters/enable_unsafe_noiommu_mode"
 _BRIDGE_CLASSES = frozenset({0x0604, 0x0607, 0x0609})
 
 # Per-device attributes whose writes the kernel acts on.
-_DEVICE_CONTROLS = frozenset({"driver_override", "sriov_numvfs", "remove"})
+_DEVICE_CONTROLS = frozenset({"driver_override", "sriov_numvfs", "remove", "reset"})
+# Not sysfs: where the fake notes each device reset, one address a line, for tests.
+RESET_LOG = "fake-resets.log"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +231,14 @@ class FakeSysfs(Sysfs):
 
     # queries
 
+    def resets(self) -> list[PciAddress]:
+        """The devices reset so far, in order (each time)."""
+        try:
+            with open(self.path(RESET_LOG), encoding="utf-8") as log:
+                return [PciAddress.parse(line) for line in log.read().split()]
+        except FileNotFoundError:
+            return []
+
     def present(self) -> list[PciAddress]:
         return sorted(PciAddress.parse(n) for n in os.listdir(self.path("bus/pci/devices")))
 
@@ -315,6 +325,11 @@ class FakeSysfs(Sysfs):
             self._put(attribute, name or "(null)")
         elif control == "sriov_numvfs":
             self._set_num_vfs(address, _parse_unsigned(value, path), path)
+        elif control == "reset":
+            if _parse_unsigned(value, path) != 1:  # reset_store(): only "1" resets
+                raise _os_error(errno.EINVAL, path)
+            with open(self.path(RESET_LOG), "a", encoding="utf-8") as log:
+                log.write(f"{address}\n")
         elif _parse_unsigned(value, path):  # remove
             self._remove(address)
 
@@ -465,6 +480,8 @@ class FakeSysfs(Sysfs):
         for name, text in attributes.items():
             self._put(os.path.join(device_dir, name), text)
         self._put(os.path.join(device_dir, "remove"), "")  # write-only in the kernel
+        if fake.reset_methods:  # pci_dev_reset_attr_is_visible(): only with a method
+            self._put(os.path.join(device_dir, "reset"), "")
         self._link(device_dir, self.device_path(fake.address))
         if fake.physfn is not None:
             self._link(self._device_dir(fake.physfn), os.path.join(device_dir, "physfn"))

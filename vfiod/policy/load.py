@@ -44,6 +44,7 @@ from vfiod.policy.model import (
     Effect,
     Grants,
     Policy,
+    Reservation,
     Rule,
     Settings,
     is_glob,
@@ -654,6 +655,7 @@ GRANT_KEYS = (
     "max-leases",
     "max-locked-memory",
     "restore-driver",
+    "require-reset",
 )
 RULE_KEYS = ("name", "effect", "comment", *DEVICE_KEYS, *CALLER_KEYS, *GRANT_KEYS)
 
@@ -669,6 +671,7 @@ _SETTINGS_PARSERS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "allow-unsafe-noiommu": ("allow_unsafe_noiommu", _boolean),
     "default-backend": ("default_backend", _default_backend),
     "dma-limit": ("dma_limit", parse_size),
+    "polkit": ("polkit", _boolean),
 }
 SETTINGS_KEYS = tuple(_SETTINGS_PARSERS)
 
@@ -694,7 +697,23 @@ _GRANT_PARSERS: dict[str, Callable[[object], Any]] = {
     "max-leases": _count,
     "max-locked-memory": parse_size,
     "restore-driver": _boolean,
+    "require-reset": _boolean,
 }
+
+RESERVE_KEYS = ("name", "address", "comment")
+
+
+def _exact_address(value: object) -> PciAddress:
+    if not isinstance(value, str) or is_glob(value):
+        raise _InvalidValueError(
+            'a reservation names each device by its exact address, like "0000:01:00.0" '
+            f"(no globs: a device that appears later must not be taken by surprise), got "
+            f"{_type_name(value) if not isinstance(value, str) else repr(value)}"
+        )
+    try:
+        return PciAddress.parse(value.strip().lower())
+    except AddressError:
+        raise _InvalidValueError(f"{_ADDRESS_EXAMPLE}, got {value!r}") from None
 
 
 def _unknown_key(key: str, known: Sequence[str], where: str) -> str:
@@ -714,10 +733,13 @@ class _Context:
     errors: list[Problem] = dataclasses.field(default_factory=list)
     warnings: list[Problem] = dataclasses.field(default_factory=list)
     names: dict[str, str] = dataclasses.field(default_factory=dict)  # rule name -> source
+    reserved: dict[PciAddress, str] = dataclasses.field(default_factory=dict)  # -> its source
 
 
 class _RuleParser:
     """One [[rule]] table to a Rule, every problem recorded in the context."""
+
+    TABLE = "rule"
 
     def __init__(
         self, table: Mapping[str, Any], index: int, path: str, lines: KeyLines, ctx: _Context
@@ -727,11 +749,11 @@ class _RuleParser:
         self.path = path
         self.lines = lines
         self.ctx = ctx
-        self.header = lines.line_of(("rule", index))
+        self.header = lines.line_of((self.TABLE, index))
         self.label = f"the [[rule]] at line {self.header}"
 
     def problem(self, key: str, message: str) -> Problem:
-        return Problem(self.path, self.lines.line_of(("rule", self.index, key)), key, message)
+        return Problem(self.path, self.lines.line_of((self.TABLE, self.index, key)), key, message)
 
     def error(self, key: str, message: str) -> None:
         self.ctx.errors.append(self.problem(key, message))
@@ -864,6 +886,44 @@ class _RuleParser:
                 )
 
 
+class _ReserveParser(_RuleParser):
+    """One [[reserve]] table to a Reservation."""
+
+    TABLE = "reserve"
+
+    def parse_reservation(self) -> Reservation | None:
+        errors_before = len(self.ctx.errors)
+        self.label = f"the [[reserve]] at line {self.header}"
+        name: str | None = self.value("name", _rule_name)
+        if name is not None:
+            self.label = f"reservation {name!r}"
+            other = self.ctx.names.setdefault(name, f"{self.path}:{self.header}")
+            if other != f"{self.path}:{self.header}":
+                self.error("name", f"the name {name!r} is already used at {other}; rename one")
+        elif "name" not in self.table:
+            self.error(
+                "name",
+                f'{self.label} has no name: add name = "..." (unique across all policy files)',
+            )
+        for key in self.table:
+            if key not in RESERVE_KEYS:
+                self.error(key, _unknown_key(key, RESERVE_KEYS, self.label))
+        addresses: tuple[PciAddress, ...] | None = self.value(
+            "address", _each(_exact_address, "an exact PCI address")
+        )
+        if "address" not in self.table:
+            self.error("address", f'{self.label} names no device: add address = "0000:01:00.0"')
+        here = f"{self.path}:{self.header}"
+        for address in addresses or ():
+            other = self.ctx.reserved.setdefault(address, here)
+            if other != here:
+                self.error("address", f"{address} is reserved at {other} already; keep one")
+        comment = self.value("comment", _text)
+        if len(self.ctx.errors) > errors_before or name is None or not addresses:
+            return None
+        return Reservation(name, here, tuple(dict.fromkeys(addresses)), comment)
+
+
 def _read_toml(source: Source, ctx: _Context) -> tuple[dict[str, Any], KeyLines] | None:
     try:
         text = source.data.decode("utf-8")
@@ -927,10 +987,13 @@ def _parse_settings(source: Source, ctx: _Context) -> Settings:
                 values[field] = parser(value)
             except _InvalidValueError as e:
                 ctx.errors.append(Problem(source.path, line, key, str(e)))
-        elif key == "rule":
+        elif key in ("rule", "reserve"):
             ctx.errors.append(
                 Problem(
-                    source.path, line, key, "rules go in policy.d/*.toml files, not in vfiod.toml"
+                    source.path,
+                    line,
+                    key,
+                    f"[[{key}]] tables go in policy.d/*.toml files, not in vfiod.toml",
                 )
             )
         else:
@@ -940,19 +1003,20 @@ def _parse_settings(source: Source, ctx: _Context) -> Settings:
     return Settings(**values)
 
 
-def _parse_rules(source: Source, ctx: _Context) -> list[Rule]:
+def _parse_rules(source: Source, ctx: _Context) -> tuple[list[Rule], list[Reservation]]:
     parsed = _read_toml(source, ctx)
     if parsed is None:
-        return []
+        return [], []
     data, lines = parsed
     rules: list[Rule] = []
+    reservations: list[Reservation] = []
     for key, value in data.items():
         line = lines.line_of((key,))
-        if key != "rule":
+        if key not in ("rule", "reserve"):
             hint = (
                 "daemon settings go in /etc/vfiod/vfiod.toml"
                 if key in SETTINGS_KEYS
-                else "a policy file holds only [[rule]] tables"
+                else "a policy file holds only [[rule]] and [[reserve]] tables"
             )
             ctx.errors.append(Problem(source.path, line, key, f"unknown key {key!r}: {hint}"))
             continue
@@ -962,16 +1026,23 @@ def _parse_rules(source: Source, ctx: _Context) -> list[Rule]:
                     source.path,
                     line,
                     key,
-                    f"expected [[rule]] tables, got {_type_name(value)}; write each rule "
-                    "under its own [[rule]] header",
+                    f"expected [[{key}]] tables, got {_type_name(value)}; write each one "
+                    f"under its own [[{key}]] header",
                 )
             )
             continue
         for index, table in enumerate(value):
-            rule = _RuleParser(table, index, source.path, lines, ctx).parse()
-            if rule is not None:
-                rules.append(rule)
-    return rules
+            if key == "rule":
+                rule = _RuleParser(table, index, source.path, lines, ctx).parse()
+                if rule is not None:
+                    rules.append(rule)
+            else:
+                reservation = _ReserveParser(
+                    table, index, source.path, lines, ctx
+                ).parse_reservation()
+                if reservation is not None:
+                    reservations.append(reservation)
+    return rules, reservations
 
 
 def _in_order(problems: Sequence[Problem], files: Sequence[str]) -> list[Problem]:
@@ -1012,8 +1083,11 @@ def parse_policy(
     if settings is not None:
         ctx.settings = _parse_settings(settings, ctx)
     rules: list[Rule] = []
+    reservations: list[Reservation] = []
     for source in rule_files:
-        rules.extend(_parse_rules(source, ctx))
+        more_rules, more_reservations = _parse_rules(source, ctx)
+        rules.extend(more_rules)
+        reservations.extend(more_reservations)
     files = list(order) or [s.path for s in ([settings] if settings else []) + list(rule_files)]
     if ctx.errors:
         raise PolicyError(_in_order(ctx.errors, files), _in_order(ctx.warnings, files))
@@ -1021,6 +1095,7 @@ def parse_policy(
         settings=ctx.settings,
         rules=tuple(rules),
         files=tuple(s.path for s in ([settings] if settings else []) + list(rule_files)),
+        reservations=tuple(reservations),
     )
     return LoadResult(policy, tuple(_in_order(ctx.warnings, files)))
 

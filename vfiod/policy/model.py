@@ -85,6 +85,7 @@ class Grants:
     max_leases: int | None = None  # None: unlimited
     max_locked_memory: int | None = None  # bytes; None: leave RLIMIT_MEMLOCK alone
     restore_driver: bool = True
+    require_reset: bool = False  # refuse devices the kernel cannot reset
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +96,7 @@ class Grants:
             "max-leases": self.max_leases,
             "max-locked-memory": self.max_locked_memory,
             "restore-driver": self.restore_driver,
+            "require-reset": self.require_reset,
         }
 
 
@@ -203,6 +205,29 @@ class Settings:
     # Bytes MapDma may pin (in vfiod itself) for one lease whose rule sets no
     # max-locked-memory: without it such a rule would mean unlimited pinning.
     dma_limit: int = DEFAULT_DMA_LIMIT
+    # Each grant also needs polkit's yes (org.vfiod1.acquire...): narrows only.
+    polkit: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    """One ``[[reserve]]``: devices, by exact address, that vfio-pci owns
+    from the moment they appear (boot or hotplug), before any native driver."""
+
+    name: str
+    source: str  # "path:line" of the [[reserve]] header
+    addresses: tuple[PciAddress, ...]
+    comment: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "source": self.source,
+            "address": [str(a) for a in self.addresses],
+        }
+        if self.comment:
+            data["comment"] = self.comment
+        return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,10 +238,16 @@ class Policy:
     settings: Settings = Settings()
     rules: tuple[Rule, ...] = ()
     files: tuple[str, ...] = ()
+    reservations: tuple[Reservation, ...] = ()
     # Indexes vfiod.policy.decide builds on first use; not part of the value.
     cache: dict[str, Any] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
+
+    @functools.cached_property
+    def reserved(self) -> dict[PciAddress, Reservation]:
+        """The reservation of each reserved address."""
+        return {a: r for r in self.reservations for a in r.addresses}
 
 
 @dataclasses.dataclass(frozen=True)
