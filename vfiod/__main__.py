@@ -14,6 +14,7 @@ from vfiod.host.hwdb import HardwareDatabase
 from vfiod.host.inventory import scan
 from vfiod.host.sysfs import HostError, Sysfs
 from vfiod.policy.cli import add_parser as add_check_policy
+from vfiod.policy.driverctl import add_parser as add_import_driverctl
 from vfiod.report import inventory_json, inventory_table
 from vfiod.state import StateFile
 from vfiod.vfio import VfioError
@@ -73,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
     inv.add_argument("--proc", default="/proc", help=argparse.SUPPRESS)
     inv.set_defaults(func=cmd_inventory)
     add_check_policy(sub)
+    add_import_driverctl(sub)
     return p
 
 

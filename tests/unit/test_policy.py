@@ -1366,6 +1366,18 @@ def test_example_gpu_for_alice(tmp_path: Path) -> None:
     assert not decide_one(policy, ALICE, other_card, request).allowed
 
 
+def test_example_reserved_gpu(tmp_path: Path) -> None:
+    policy = install_example(tmp_path, "15-reserved-gpu.toml")
+    [reservation] = policy.reservations
+    assert [str(a) for a in reservation.addresses] == ["0000:0a:00.0", "0000:0a:00.1"]
+    gpu = pci("0000:0a:00.0", pci_class=0x030000, driver="vfio-pci", group="3")
+    kvm = dataclasses.replace(ALICE, gids=(*ALICE.gids, 36), groups=(*ALICE.groups, "kvm"))
+    decision = decide_one(policy, kvm, gpu, Request("legacy", False, False))
+    assert decision.grants is not None
+    assert decision.grants.require_reset
+    assert decide_one(policy, BOB, gpu).refusal is Refusal.NO_RULE
+
+
 def test_example_sriov_vfs_for_a_slice(tmp_path: Path) -> None:
     policy = install_example(tmp_path, "20-sriov-vfs-for-vms.toml")
     vf = pci("0000:03:10.2", device=0x10CA, driver="igbvf", group="20")
@@ -1428,7 +1440,8 @@ def test_all_examples_load_together(tmp_path: Path) -> None:
     for example in sorted(EXAMPLES.glob("*.toml")):
         shutil.copy(example, put(tmp_path, f"{POLICY_D}/{example.name}", ""))
     policy = load(tmp_path).policy
-    assert len(policy.rules) == 5
+    assert len(policy.rules) == 6
+    assert len(policy.reservations) == 1
     assert {r.effect for r in policy.rules} == {Effect.ALLOW, Effect.DENY}
     assert all(r.comment for r in policy.rules)
 

@@ -17,6 +17,7 @@ import pytest
 from tests.fakehost import BRIDGE_GROUP, E1000_A, E1000_B, NIC, SATA
 from tests.unit.test_broker import ALICE, BOB, LEGACY, ROOT, World, close_all, make_world
 from vfiod import polkit
+from vfiod.__main__ import main as vfiod_main
 from vfiod.broker import MESSAGE_POLKIT, MESSAGE_RESERVED, MESSAGE_RESET, LeaseState
 from vfiod.errors import PermissionDenied
 from vfiod.host.reserve import RULES_FILE, udev_rules, write_rules
@@ -378,3 +379,34 @@ def test_polkit_decides_for_a_live_process_of_the_callers_uid(tmp_path: Path) ->
     assert isinstance(authority, FakeAuthority)
     assert authority.asked == []
     world.broker.shutdown()
+
+
+# -- vfiod import-driverctl
+
+
+def test_import_driverctl_writes_reservations_vfiod_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = tmp_path / "etc/driverctl.d"
+    overrides.mkdir(parents=True)
+    (overrides / "pci-0000:01:00.0").write_text("vfio-pci\n")
+    (overrides / "pci-0000:01:00.1").write_text("vfio-pci\n")
+    (overrides / "pci-0000:02:00.0").write_text("pci-stub\n")
+    (overrides / "usb-1-1").write_text("vfio-pci\n")
+    (overrides / ".pci-0000:03:00.0.swp").write_text("x")
+    output = tmp_path / "40-driverctl.toml"
+    argv = ["import-driverctl", "--root", str(tmp_path), "--output", str(output)]
+    assert vfiod_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "0000:02:00.0 to pci-stub, not vfio-pci; driverctl keeps it" in err
+    assert "usb-1-1: not a PCI device" in err
+    policy = parse_policy([Source(str(output), output.read_bytes())]).policy
+    assert [(r.name, r.addresses) for r in policy.reservations] == [
+        ("driverctl-0000:01:00.0", (PciAddress.parse("0000:01:00.0"),)),
+        ("driverctl-0000:01:00.1", (PciAddress.parse("0000:01:00.1"),)),
+    ]
+    # Never over an existing file; nothing to import is a failure that says so.
+    assert vfiod_main(argv) == 1
+    assert "cannot write" in capsys.readouterr().err
+    assert vfiod_main(["import-driverctl", "--root", str(tmp_path / "none")]) == 1
+    assert "no vfio-pci override" in capsys.readouterr().err

@@ -26,7 +26,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
-from tests.vm.topology import GUEST_DIR, Boot, KernelKind, Topology
+from tests.vm.topology import GUEST_DIR, RESERVATION, Boot, KernelKind, Topology
+from vfiod.host.reserve import RULES_FILE, udev_rules
+from vfiod.pci import PciAddress
+from vfiod.policy.model import Reservation
 
 PROJECT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vfiod"
@@ -437,6 +440,19 @@ class BootResult:
         return [t for t in self.tests if t.outcome in ("failed", "error")]
 
 
+def boot_udev_rules(boot: Boot, shared: Path) -> dict[str, Path]:
+    """The guest's /etc/udev/rules.d for a boot with reserved devices: vfiod's
+    own rules for them, as a vfiod of the last boot would have left them."""
+    if not boot.reserved:
+        return {}
+    addresses = tuple(PciAddress.parse(a) for a in boot.reserved)
+    reservation = Reservation(RESERVATION, "tests/vm/topology.py", addresses)
+    rules = shared / "udev-rules"
+    rules.mkdir(mode=0o755)
+    (rules / Path(RULES_FILE).name).write_text(udev_rules((reservation, a) for a in addresses))
+    return {"/" + str(Path(RULES_FILE).parent): rules}
+
+
 def run_boot(
     boot: Boot, results: Path, progress: Callable[[str], None] = lambda line: None
 ) -> BootResult:
@@ -455,6 +471,7 @@ def run_boot(
             guest_command(boot, shared, installed),
             shared_dir=shared,
             progress=lambda line: progress(f"[vm {boot.name}] {line}"),
+            rodirs=boot_udev_rules(boot, shared),
         )
         junit = shared / "junit.xml"
         tests = parse_junit(junit) if junit.exists() else []

@@ -101,6 +101,9 @@ class Boot:
     tests: tuple[str, ...]
     installed: bool = False  # its tests run vfiod as `make install` puts it
     part: str = ""  # tells apart two boots of one kernel and topology
+    # Reserved for vfio-pci from boot: vfiod's udev rules for them are in
+    # the guest's /etc/udev/rules.d before its udev adds the devices.
+    reserved: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -136,4 +139,9 @@ BOOTS = (
         part="managers",
     ),
     Boot(KernelKind.TEST, NOIOMMU, ("test_noiommu.py", "test_broker_noiommu.py")),
+    # What admins set up: a reservation from boot (Debian's kernel: e1000e is
+    # a module, as a GPU's driver is, so udev acts before it can probe),
+    # resets between tenants, polkit.
+    Boot(KernelKind.STOCK, IOMMU, ("test_admin.py",), part="admin", reserved=(E1000E,)),
 )
+RESERVATION = "boot-reserved"  # the name the reserved devices' rules give
