@@ -506,6 +506,10 @@ class Broker:
         ``previous`` reserved. A device whose group a lease holds is on
         vfio-pci already: it stays there when the lease ends."""
         policy = self.policy.current
+        if not policy.reserved and (previous is None or not previous.reserved):
+            self.unreservable = {}
+            self._write_udev_rules(())  # (one left from an earlier policy goes)
+            return
         critical = self.critical()
         self.unreservable = {
             address: refusal

@@ -535,7 +535,7 @@ def _show_group(client: Client, view: View, group: GroupInfo, args: argparse.Nam
         if device.address in blockers:
             rows.append(f"refuses the lease: {blockers[device.address]}")
     rows.extend(f"not viable: {reason}" for _a, reason in group.blockers)
-    print(table(("DEVICE", "YOU", "IDS", "DRIVER", "DESCRIPTION"), rows))
+    print(table(("DEVICE", "YOU", "IDS", "DRIVER", "RESET", "DESCRIPTION"), rows))
     # One request for the whole group: its members share vfiod's answer.
     answer = next((a for a in accesses if not a.allowed), accesses[0] if accesses else None)
     _print_fields([*([("you", _you(answer))] if answer is not None else []), ("verdict", verdict)])

@@ -31,7 +31,7 @@ from sdbus import DbusInterfaceCommonAsync, dbus_method_async
 from sdbus.exceptions import SdBusBaseError, SdBusUnmappedMessageError
 from sdbus.sd_bus_internals import SdBus
 
-from vfiod.host.process import _real_uid, exited
+from vfiod.host.process import exited, real_uid
 from vfiod.host.sysfs import HostError
 
 log = logging.getLogger(__name__)
@@ -118,22 +118,22 @@ def pin_subject(pid: int, uid: int, proc: str = "/proc") -> tuple[Subject, int]:
         raise HostError(err, f"cannot pin process {pid}: {os.strerror(err)}") from e
     try:
         start_time = _start_time(pid, proc)
-        real_uid = _real_uid(pid, proc)
+        uid_now = real_uid(pid, proc)
         # Read both, then check the pidfd's process is alive still: only
         # then were they that process's (its pid cannot be reused while
         # the pidfd is open).
-        if start_time is None or real_uid is None or exited(pidfd):
+        if start_time is None or uid_now is None or exited(pidfd):
             raise HostError(errno.ESRCH, f"process {pid} has exited")
-        if real_uid != uid:
+        if uid_now != uid:
             raise HostError(
                 errno.ESRCH,
-                f"process {pid} runs as uid {real_uid}, not as the caller's uid {uid}; "
+                f"process {pid} runs as uid {uid_now}, not as the caller's uid {uid}; "
                 "its pid was reused",
             )
     except BaseException:
         os.close(pidfd)
         raise
-    return Subject(pid, start_time, real_uid), pidfd
+    return Subject(pid, start_time, uid_now), pidfd
 
 
 class Authority(Protocol):

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from vfiod.host import process
+
 SO_PEERPIDFD = 77  # <asm-generic/socket.h>, Linux 6.5; Python 3.11 has no name for it
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 MAX_LINE = 16 << 20  # a QMP answer larger than this is not one we asked for
@@ -79,11 +81,10 @@ def peer(sock: socket.socket) -> Peer:
 
 def process_uid(pid: int) -> int:
     """The effective uid of process ``pid``, from /proc."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Uid:"):
-                return int(line.split()[2])  # effective
-    raise ProcessLookupError(pid)
+    found = process.uids(pid)
+    if found is None:
+        raise ProcessLookupError(pid)
+    return found[1]
 
 
 def peer_pidfd(sock: socket.socket) -> tuple[Peer, int]:

@@ -176,9 +176,9 @@ def test_check_for_another_user_explains_the_policy_files(
 def test_list_shows_groups_blockers_and_leases(vfiod: VfiodProcess, nobody: Clients) -> None:
     listed = vfioctl(vfiod.bus, "list").check().stdout
     assert listed.splitlines()[0].split() == [
-        "GROUP", "VIABLE", "DEVICE", "IDS", "DRIVER", "DESCRIPTION"
+        "GROUP", "VIABLE", "DEVICE", "IDS", "DRIVER", "RESET", "DESCRIPTION"
     ]  # fmt: skip
-    assert "10     no      0000:00:10.0  8086:10d3  e1000e" in listed
+    assert "10     no      0000:00:10.0  8086:10d3  e1000e      flr,bus" in listed
     assert "not viable: 0000:00:1f.2 (SATA controller) is bound to ahci" in listed
     assert "LEASE" not in listed
 

@@ -107,6 +107,9 @@ def test_the_udev_rules_set_the_override_before_drivers_load(tmp_path: Path) -> 
     )
     assert lines[-2] == 'ATTR{[drivers/pci:vfio-pci]bind}="$kernel"'
     assert udev_rules([]) == ""
+    # A file name is text in a comment: a newline in it starts no rule.
+    odd = Reservation("odd", '/etc/vfiod/policy.d/x\nRUN+="/bin/sh".toml:1', (gpu,))
+    assert not any(line.startswith("RUN") for line in udev_rules([(odd, gpu)]).splitlines())
     # Written once, rewritten only when it changes, removed when empty.
     root = str(tmp_path)
     assert write_rules(root, text) is True

@@ -31,7 +31,7 @@ from sdbus.exceptions import SdBusBaseError, SdBusUnmappedMessageError
 from sdbus.sd_bus_internals import SdBus
 
 from vfiod.errors import PermissionDenied
-from vfiod.host.process import _real_uid, exited
+from vfiod.host.process import exited, real_uid
 from vfiod.policy.model import Caller
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ async def vouched_unit(
 async def _vouched(
     pid: int, uid: int, vouchers: UnitVouchers, proc: str, pidfd: int
 ) -> tuple[str | None, tuple[str, ...]]:
-    if _real_uid(pid, proc) != uid:
+    if real_uid(pid, proc) != uid:
         return None, ()
     vouched = await vouchers.unit_of(pid)
     if vouched is None or exited(pidfd):

@@ -37,15 +37,22 @@ def pidfd_pid(pidfd: int, proc: str = "/proc") -> int | None:
     return None
 
 
-def _real_uid(pid: int, proc: str) -> int | None:
+def uids(pid: int, proc: str = "/proc") -> tuple[int, int] | None:
+    """The real and effective uid of process ``pid`` (None: it is gone)."""
     try:
         with open(os.path.join(proc, str(pid), "status")) as f:
             for line in f:
                 if line.startswith("Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
+                    real, effective = line.split()[1:3]
+                    return int(real), int(effective)
+    except (OSError, ValueError):
         pass
     return None
+
+
+def real_uid(pid: int, proc: str = "/proc") -> int | None:
+    found = uids(pid, proc)
+    return found[0] if found is not None else None
 
 
 def exited(pidfd: int) -> bool:
@@ -74,7 +81,7 @@ def owner_process(pidfd: int, proc: str = "/proc") -> OwnerProcess:
             "owner-pidfd names a process in another pid namespace; pass a pidfd "
             "of a process vfiod can see",
         )
-    uid = _real_uid(pid, proc)
+    uid = real_uid(pid, proc)
     # Read the uid, then check the pidfd still names a live process: the pid
     # cannot have been reused for another process in between.
     if uid is None or exited(pidfd):

@@ -58,10 +58,16 @@ def udev_rules(reserved: Iterable[tuple[Reservation, PciAddress]]) -> str:
     if not pairs:
         return ""
     matches = "".join(
-        f'# reservation {r.name!r} ({r.source})\nKERNEL=="{address}", GOTO="vfiod_reserved"\n'
+        f"# reservation {r.name!r} ({_printable(r.source)})\n"
+        f'KERNEL=="{address}", GOTO="vfiod_reserved"\n'
         for r, address in pairs
     )
     return _HEADER + matches + _ACTIONS
+
+
+def _printable(text: str) -> str:
+    """A file name in a comment line: a newline in it must not start a rule."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def write_rules(root: str, text: str) -> bool:
