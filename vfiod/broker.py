@@ -437,6 +437,8 @@ class Broker:
         # The leases drain() looks at: it runs on a timer and after every
         # end, so it must not walk every lease (there may be 10,000).
         self._draining: dict[str, Lease] = {}
+        # Freed leases whose devices only need a reset, for the next batch.
+        self._resetting: list[tuple[Lease, Sequence[PciAddress]]] = []
         # Where the udev rules of reservations go (vfiod.host.reserve); None: nowhere.
         self.udev_root = udev_root
         # polkit, asked after the policy when vfiod.toml says polkit = true.
@@ -1594,16 +1596,53 @@ class Broker:
             self._forget(lease)
             return
         lease.state = LeaseState.RESTORING
-        self.worker.start(
-            functools.partial(self._clean_job, lease, resetting, moved),
-            functools.partial(self._restored, lease),
-        )
+        if moved:  # a job of its own: nobody waits on another's slow rebind
+            self.worker.start(
+                functools.partial(self._clean_job, lease, resetting, moved),
+                functools.partial(self._restored, lease),
+            )
+            return
+        # Resets alone (the warm path, and every lease at a stop): one job
+        # resets what all such leases ended meanwhile, one callback frees them.
+        self._resetting.append((lease, resetting))
+        if len(self._resetting) == 1:
+            self.worker.on_loop(self._reset_batch)
+
+    def _reset_batch(self) -> None:
+        batch, self._resetting = self._resetting, []
+        if batch:
+            self.worker.start(
+                functools.partial(self._reset_all, batch),
+                functools.partial(self._batch_reset, batch),
+            )
+
+    def _reset_all(self, batch: Sequence[tuple[Lease, Sequence[PciAddress]]]) -> None:
+        for lease, resetting in batch:
+            self._reset(lease, resetting)
+
+    def _batch_reset(
+        self,
+        batch: Sequence[tuple[Lease, Sequence[PciAddress]]],
+        _: None,
+        error: BaseException | None,
+    ) -> None:
+        if error is not None:
+            log.error("resetting the devices of ended leases: %s", error)
+        for lease, _resetting in batch:
+            self._forget(lease)  # (nothing moved: no inventory to refresh)
 
     def _clean_job(
         self, lease: Lease, resetting: Sequence[PciAddress], restoring: Sequence[PciAddress]
     ) -> None:
         """On the worker: reset the lease's devices, then give back those
-        vfiod moved. A device that cannot be reset is said, loudly."""
+        vfiod moved."""
+        self._reset(lease, resetting)
+        if restoring:
+            self.binder.restore_all(restoring, self._progress(lease.id, lease.owner))
+
+    def _reset(self, lease: Lease, resetting: Sequence[PciAddress]) -> None:
+        """On the worker: reset the devices of a lease that ended. A device
+        that cannot be reset is said, loudly."""
         for address in resetting:
             fields = {**lease.audit_fields(), "DEVICES": str(address)}
             try:
@@ -1621,8 +1660,6 @@ class Broker:
                 f"lease {lease.id} ended: {address} was reset",
                 {**fields, "RESET": "done"},
             )
-        if restoring:
-            self.binder.restore_all(restoring, self._progress(lease.id, lease.owner))
 
     def _restored(self, lease: Lease, _: None, error: BaseException | None) -> None:
         if error is not None:

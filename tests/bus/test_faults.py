@@ -487,6 +487,7 @@ RELEASE_NIC = [
     "kernel open /dev/vfio/10 2",
     "kernel group_get_status",
     "kernel close",
+    "sysfs-write bus/pci/devices/0000:00:10.0/reset <- 1",  # for the next tenant
     "sysfs-write bus/pci/devices/0000:00:10.0/driver/unbind <- 0000:00:10.0",
     "sysfs-write bus/pci/devices/0000:00:10.0/driver_override <- '\\n'",
     "sysfs-write bus/pci/drivers_probe <- 0000:00:10.0",

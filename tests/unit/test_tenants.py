@@ -413,3 +413,14 @@ def test_import_driverctl_writes_reservations_vfiod_reads(
     assert "cannot write" in capsys.readouterr().err
     assert vfiod_main(["import-driverctl", "--root", str(tmp_path / "none")]) == 1
     assert "no vfio-pci override" in capsys.readouterr().err
+
+
+def test_polkit_can_refuse_a_reload(tmp_path: Path) -> None:
+    world = polkit_world(tmp_path, {})  # no for everything
+    with pytest.raises(PermissionDenied) as e:
+        asyncio.run(world.broker.authorize_reload(ROOT, os.getpid()))
+    assert e.value.code is Reason.POLKIT
+    authority = world.broker.authority
+    assert isinstance(authority, FakeAuthority)
+    assert [(action, details) for _, action, details in authority.asked] == [(polkit.RELOAD, {})]
+    world.broker.shutdown()
