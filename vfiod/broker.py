@@ -58,7 +58,7 @@ from vfiod.host.binding import (
 from vfiod.host.inventory import IommuGroup, PciDevice, cross_check_viability, is_vfio_driver
 from vfiod.host.process import exited, owner_process, pidfd_pid, raise_memlock
 from vfiod.host.sysfs import HostError
-from vfiod.host.watcher import Host, HostChange, HostEvent
+from vfiod.host.watcher import Action, Host, HostChange, HostEvent, UEvent
 from vfiod.pci import AddressError, PciAddress
 from vfiod.plan import Plan, Target, plan
 from vfiod.policy.load import PolicyHolder
@@ -561,7 +561,9 @@ class Broker:
         self._unreserve(pending)
         if error is not None:
             log.error("applying reservations: %s", error)
-        self.host.refresh(a for a in pending.moving if a in self.host.inventory.devices)
+        # As their bind uevents will say (listeners hear it now: the bus).
+        for address in pending.moving:
+            self.host.apply(UEvent(Action.BIND, address, VFIO_PCI))
 
     def _write_udev_rules(self, applied: Sequence[tuple[Reservation, PciAddress]]) -> None:
         if self.udev_root is None:

@@ -358,12 +358,19 @@ objects = call("org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
 leases = [path for path, interfaces in objects.items() if "org.vfiod1.Lease" in interfaces]
 details = call("org.vfiod1.Manager", "GetLeaseDetails", "ao", leases)
 expected = {"Device": [], "Group": [], "Lease": []}
+# The structs are fixed: a Device's properties after ResetMethods came later,
+# and are keys of the row's a{sv} (where they are not empty).
+fixed = {"Device": order["org.vfiod1.Device"].index("ResetMethods") + 1}
 for path, interfaces in objects.items():
     for kind, rows in expected.items():
         props = interfaces.get("org.vfiod1." + kind)
         if props is not None:
-            more = details.get(path, {}) if kind == "Lease" else {}
-            rows.append([path, *(props[name][1] for name in order["org.vfiod1." + kind]), more])
+            names = order["org.vfiod1." + kind]
+            cut = fixed.get(kind, len(names))
+            more = details.get(path, {}) if kind == "Lease" else {
+                name: props[name] for name in names[cut:] if props[name][1]
+            }
+            rows.append([path, *(props[name][1] for name in names[:cut]), more])
 rows = call("org.vfiod1.Manager", "GetInventory", "a{sv}", {})
 inventory = vfiod.inventory()
 say({

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -175,6 +176,7 @@ _GRANT_TYPES: dict[str, Callable[[Any], bool]] = {
     "unsafe-noiommu": lambda v: isinstance(v, bool),
     "restore-driver": lambda v: isinstance(v, bool),
     "max-leases": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "require-reset": lambda v: isinstance(v, bool),
 }
 
 
@@ -193,12 +195,34 @@ def _bad_table(table: object) -> bool:
     )
 
 
+_EXACT_ADDRESS = re.compile(r"(?:[0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
+
+
+def _bad_reservation(table: object) -> bool:
+    if not isinstance(table, dict):
+        return True
+    addresses = table.get("address")
+    if isinstance(addresses, str):
+        addresses = [addresses]
+    return (
+        bool(set(table) - {"name", "address", "comment"})
+        or not isinstance(table.get("name"), str)
+        or not isinstance(addresses, list)
+        or not addresses
+        or not all(isinstance(a, str) and _EXACT_ADDRESS.fullmatch(a.strip()) for a in addresses)
+        or ("comment" in table and not isinstance(table["comment"], str))
+    )
+
+
 def must_fail(data: dict[str, Any]) -> bool:
     """Reasons any correct loader must reject, checked independently of it."""
     tables = data.get("rule", [])
-    if set(data) - {"rule"} or not isinstance(tables, list):
+    reservations = data.get("reserve", [])
+    if set(data) - {"rule", "reserve"} or not isinstance(tables, list):
         return True
-    names = [repr(t.get("name")) for t in tables if isinstance(t, dict)]
+    if not isinstance(reservations, list) or any(_bad_reservation(r) for r in reservations):
+        return True
+    names = [repr(t.get("name")) for t in [*tables, *reservations] if isinstance(t, dict)]
     return any(_bad_table(t) for t in tables) or len(names) != len(set(names))
 
 

@@ -79,6 +79,11 @@ def _write(sysfs: Sysfs, path: str, value: str, what: str, address: PciAddress) 
         raise HostError(err, f"{what} for {address} failed: {os.strerror(err)}") from e
 
 
+def _unbind(sysfs: Sysfs, device: str, address: PciAddress) -> None:
+    """Take the device (its sysfs folder ``device``) from the driver it is on."""
+    _write(sysfs, os.path.join(device, "driver", "unbind"), str(address), "unbind", address)
+
+
 def _reprobe(sysfs: Sysfs, address: PciAddress) -> None:
     # The kernel ignores probe errors here (a refusing driver just leaves the
     # device unbound), but the write can fail for other reasons; either way
@@ -259,8 +264,7 @@ class Binder:
         _write(self.sysfs, override, driver, "setting driver_override", address)
         self._maybe_die(FaultPoint.AFTER_OVERRIDE)
         if original is not None:
-            unbind = os.path.join(device, "driver", "unbind")
-            _write(self.sysfs, unbind, str(address), "unbind", address)
+            _unbind(self.sysfs, device, address)
         self._maybe_die(FaultPoint.AFTER_UNBIND)
         _reprobe(self.sysfs, address)
         now = self.sysfs.driver(address)
@@ -354,13 +358,7 @@ class Binder:
     def _restore(self, address: PciAddress, record: BindingRecord) -> None:
         device = self.sysfs.require_device(address)
         if self.sysfs.driver(address) is not None:
-            _write(
-                self.sysfs,
-                os.path.join(device, "driver", "unbind"),
-                str(address),
-                "unbind",
-                address,
-            )
+            _unbind(self.sysfs, device, address)
         _write(
             self.sysfs,
             os.path.join(device, "driver_override"),
@@ -435,13 +433,7 @@ class Binder:
         if self.sysfs.driver_override(address) != VFIO_PCI:
             return self.sysfs.driver(address)  # someone else set it since: theirs
         if self.sysfs.driver(address) == VFIO_PCI:
-            _write(
-                self.sysfs,
-                os.path.join(device, "driver", "unbind"),
-                str(address),
-                "unbind",
-                address,
-            )
+            _unbind(self.sysfs, device, address)
         _write(
             self.sysfs,
             os.path.join(device, "driver_override"),
