@@ -569,7 +569,9 @@ class Broker:
         if self.udev_root is None:
             return
         try:
-            changed = reserve.write_rules(self.udev_root, reserve.udev_rules(applied))
+            devices = self.host.inventory.devices
+            ids = {a: (d.vendor, d.device) for _, a in applied if (d := devices.get(a))}
+            changed = reserve.write_rules(self.udev_root, reserve.udev_rules(applied, ids))
         except OSError as e:
             log.error(
                 "cannot write %s (%s): reserved devices present now go to vfio-pci, but at the "

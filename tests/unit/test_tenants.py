@@ -94,13 +94,14 @@ def test_reservation_and_rule_names_are_one_namespace() -> None:
 def test_the_udev_rules_set_the_override_before_drivers_load(tmp_path: Path) -> None:
     gpu = PciAddress.parse("0000:01:00.0")
     reservation = Reservation("gpus", "/etc/vfiod/policy.d/10.toml:1", (NIC, gpu))
-    text = udev_rules([(reservation, gpu), (reservation, NIC)])
+    text = udev_rules([(reservation, gpu), (reservation, NIC)], {gpu: (0x10DE, 0x2204)})
     lines = text.splitlines()
-    assert 'KERNEL=="0000:00:10.0", GOTO="vfiod_reserved"' in lines
-    assert 'KERNEL=="0000:01:00.0", GOTO="vfiod_reserved"' in lines
-    assert lines.index('KERNEL=="0000:00:10.0", GOTO="vfiod_reserved"') < lines.index(
-        'KERNEL=="0000:01:00.0", GOTO="vfiod_reserved"'
+    nic_rule = 'KERNEL=="0000:00:10.0", GOTO="vfiod_reserved"'  # not present: by address
+    gpu_rule = (
+        'KERNEL=="0000:01:00.0", ATTR{vendor}=="0x10de", ATTR{device}=="0x2204", '
+        'GOTO="vfiod_reserved"'
     )
+    assert lines.index(nic_rule) < lines.index(gpu_rule)
     # Only add events of PCI devices; the override first, vfio-pci last.
     assert lines.index('ACTION!="add", GOTO="vfiod_reserved_end"') < lines.index(
         'ATTR{driver_override}="vfio-pci"'
@@ -145,7 +146,12 @@ def test_a_reserved_device_goes_to_vfio_pci_and_stays_there(
     world.broker.recover()  # what vfiod does as it starts
     assert (sysfs.driver(NIC), sysfs.driver_override(NIC)) == ("vfio-pci", "vfio-pci")
     assert world.broker.reservation(NIC) is not None
-    assert 'KERNEL=="0000:00:10.0"' in rules_file(world).read_text()
+    # The ids of the device seen now: another one found there at a later
+    # boot (hardware moved) is not taken from its driver.
+    assert (
+        'KERNEL=="0000:00:10.0", ATTR{vendor}=="0x8086", ATTR{device}=="0x10d3", '
+        'GOTO="vfiod_reserved"'
+    ) in rules_file(world).read_text().splitlines()
     [applied] = audit(caplog, MESSAGE_RESERVED)
     assert applied.getMessage() == (
         "reservation 'nic-for-vms' applied: 0000:00:10.0 is on vfio-pci (it was on e1000e)"

@@ -26,7 +26,15 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
-from tests.vm.topology import GUEST_DIR, RESERVATION, Boot, KernelKind, Topology
+from tests.vm.topology import (
+    E1000E,
+    E1000E_IDS,
+    GUEST_DIR,
+    RESERVATION,
+    Boot,
+    KernelKind,
+    Topology,
+)
 from vfiod.host.reserve import RULES_FILE, udev_rules
 from vfiod.pci import PciAddress
 from vfiod.policy.model import Reservation
@@ -449,7 +457,9 @@ def boot_udev_rules(boot: Boot, shared: Path) -> dict[str, Path]:
     reservation = Reservation(RESERVATION, "tests/vm/topology.py", addresses)
     rules = shared / "udev-rules"
     rules.mkdir(mode=0o755)
-    (rules / Path(RULES_FILE).name).write_text(udev_rules((reservation, a) for a in addresses))
+    ids = {a: E1000E_IDS for a in addresses if str(a) == E1000E}  # as vfiod saw it
+    text = udev_rules(((reservation, a) for a in addresses), ids)
+    (rules / Path(RULES_FILE).name).write_text(text)
     return {"/" + str(Path(RULES_FILE).parent): rules}
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 
 from vfiod.pci import PciAddress
 from vfiod.policy.model import Reservation
@@ -52,17 +53,31 @@ LABEL="vfiod_reserved_end"
 """
 
 
-def udev_rules(reserved: Iterable[tuple[Reservation, PciAddress]]) -> str:
-    """The rules file for these (reservation, address) pairs; "" for none."""
+def udev_rules(
+    reserved: Iterable[tuple[Reservation, PciAddress]],
+    ids: Mapping[PciAddress, tuple[int, int]] = MappingProxyType({}),
+) -> str:
+    """The rules file for these (reservation, address) pairs; "" for none.
+    ``ids``: the vendor and device id of those present now. Their rules
+    match the ids too, so that another device found at that address at a
+    later boot (hardware moved or swapped: a disk controller, say) is not
+    taken from its driver before vfiod has looked at it."""
     pairs = sorted(reserved, key=lambda pair: pair[1])
     if not pairs:
         return ""
     matches = "".join(
         f"# reservation {r.name!r} ({_printable(r.source)})\n"
-        f'KERNEL=="{address}", GOTO="vfiod_reserved"\n'
+        f'KERNEL=="{address}", {_ids_match(ids.get(address))}GOTO="vfiod_reserved"\n'
         for r, address in pairs
     )
     return _HEADER + matches + _ACTIONS
+
+
+def _ids_match(ids: tuple[int, int] | None) -> str:
+    if ids is None:
+        return ""
+    vendor, device = ids
+    return f'ATTR{{vendor}}=="0x{vendor:04x}", ATTR{{device}}=="0x{device:04x}", '
 
 
 def _printable(text: str) -> str:
