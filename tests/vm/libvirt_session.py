@@ -149,19 +149,24 @@ class LibvirtSession:
                 left.append(self.qemu_pid(name))
             with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
                 self.virsh("destroy", name, timeout=60)
-        if self.daemon is not None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
-        for pid in left:  # not ours to wait for: libvirt's QEMU is no child of ours
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-                time.sleep(0.05)
+        _stop_daemon(self.daemon, left)
+
+
+def _stop_daemon(daemon: subprocess.Popen[bytes] | None, qemus: list[int]) -> None:
+    """Stop a libvirtd (SIGTERM, then SIGKILL), then the QEMUs it left."""
+    if daemon is not None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+    for pid in qemus:  # not ours to wait for: libvirt's QEMU is no child of ours
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -281,16 +286,7 @@ class LibvirtSystem:
                 left.append(self.qemu_pid(name))
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.virsh("destroy", name, timeout=60, check=False)
-        if self.daemon is not None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _stop_daemon(self.daemon, left)
 
 
 @contextlib.contextmanager
