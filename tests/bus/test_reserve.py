@@ -31,7 +31,10 @@ address = "0000:00:10.0"
 def test_a_reserved_device_as_the_bus_shows_it(vfiod: VfiodProcess, nobody: Clients) -> None:
     vfiod.wait_for(lambda: vfiod.driver(str(NIC)) == "vfio-pci", "the reservation applied", 10)
     rules = vfiod.policy_root / RULES_FILE
-    assert 'KERNEL=="0000:00:10.0", GOTO="vfiod_reserved"' in rules.read_text()
+    assert (
+        'KERNEL=="0000:00:10.0", ATTR{vendor}=="0x8086", ATTR{device}=="0x10d3", '
+        'GOTO="vfiod_reserved"'
+    ) in rules.read_text().splitlines()
     view = (
         "device = vfiod.inventory().devices[sys.argv[1]]\n"
         'say({"driver": device.driver, "reservation": device.reservation})\n'
