@@ -398,7 +398,7 @@ def test_rule_names_are_unique_across_files() -> None:
     body = 'address = "*"\nusers = ["*"]'
     [problem] = problems_of(allow(body, "same"), allow(body, "same"))
     assert str(problem) == (
-        "20-test.toml:2: name: rule name 'same' is already used at 10-test.toml:1; rename one"
+        "20-test.toml:2: name: the name 'same' is already used at 10-test.toml:1; rename one"
     )
 
 

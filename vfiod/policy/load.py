@@ -803,18 +803,24 @@ class _RuleParser:
             comment=comment,
         )
 
-    def identity(self) -> tuple[str | None, Effect | None, str | None]:
+    def named(self, kind: str) -> str | None:
+        """The table's name (unique across rules and reservations of all
+        files); the label of its messages becomes ``kind`` and the name."""
         name: str | None = self.value("name", _rule_name)
         if name is not None:
-            self.label = f"rule {name!r}"
+            self.label = f"{kind} {name!r}"
             other = self.ctx.names.setdefault(name, f"{self.path}:{self.header}")
             if other != f"{self.path}:{self.header}":
-                self.error("name", f"rule name {name!r} is already used at {other}; rename one")
+                self.error("name", f"the name {name!r} is already used at {other}; rename one")
         elif "name" not in self.table:
             self.error(
                 "name",
                 f'{self.label} has no name: add name = "..." (unique across all policy files)',
             )
+        return name
+
+    def identity(self) -> tuple[str | None, Effect | None, str | None]:
+        name = self.named("rule")
         effect: Effect | None = self.value("effect", _effect)
         if "effect" not in self.table:
             self.error(
@@ -894,17 +900,7 @@ class _ReserveParser(_RuleParser):
     def parse_reservation(self) -> Reservation | None:
         errors_before = len(self.ctx.errors)
         self.label = f"the [[reserve]] at line {self.header}"
-        name: str | None = self.value("name", _rule_name)
-        if name is not None:
-            self.label = f"reservation {name!r}"
-            other = self.ctx.names.setdefault(name, f"{self.path}:{self.header}")
-            if other != f"{self.path}:{self.header}":
-                self.error("name", f"the name {name!r} is already used at {other}; rename one")
-        elif "name" not in self.table:
-            self.error(
-                "name",
-                f'{self.label} has no name: add name = "..." (unique across all policy files)',
-            )
+        name = self.named("reservation")
         for key in self.table:
             if key not in RESERVE_KEYS:
                 self.error(key, _unknown_key(key, RESERVE_KEYS, self.label))
